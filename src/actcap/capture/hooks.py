@@ -1,0 +1,143 @@
+"""Forward hooks that record activations, attached for the length of a ``with`` block.
+
+Hooks copy each activation off the accelerator as soon as it is produced (detached, cast to the
+storage dtype), return ``None`` so the model's computation is untouched, and are always removed
+when the block ends, exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actcap.capture.sites import Site
+
+
+def _first_tensor(value: Any) -> Tensor:
+    """Normalise module outputs: a tensor, or a tuple/list/ModelOutput whose first item is one."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
+        return value[0]
+    first = getattr(value, "last_hidden_state", None)
+    if isinstance(first, Tensor):
+        return first
+    raise TypeError(f"Cannot record a module output of type {type(value).__name__}")
+
+
+class Recorder:
+    """Collects, per site, the activation chunks of each forward pass inside a capture block.
+
+    A chunk is ``(batch, seq, hidden)`` on the offload device; a prefill gives one chunk and each
+    generation step one more.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        last_token_only: bool = False,
+        max_steps: int | None = None,
+    ) -> None:
+        """Create an empty recorder.
+
+        Args:
+            sites: The sites to record.
+            dtype: Storage dtype of the copies.
+            device: Where copies go.
+            last_token_only: Keep only the last position of each chunk (valid for left-padded
+                batches, where the last position is a real token in every row).
+            max_steps: Record at most this many forward passes per site (1 = prefill only).
+        """
+        self.sites = list(sites)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.last_token_only = last_token_only
+        self.max_steps = max_steps
+        self.chunks: dict[str, list[Tensor]] = {s.name: [] for s in self.sites}
+        self.batch_size: int | None = None
+        """Rows of the current batch, so that flattened ``(batch*seq, hidden)`` outputs (OPT's
+        MLP) can be put back into shape."""
+
+    def reset(self) -> None:
+        """Drop everything recorded so far (between batches)."""
+        for chunks in self.chunks.values():
+            chunks.clear()
+
+    def store(self, name: str, value: Tensor) -> None:
+        """Record one activation tensor for ``name``."""
+        chunks = self.chunks[name]
+        if self.max_steps is not None and len(chunks) >= self.max_steps:
+            return
+        t = value.detach()
+        if t.dim() == 2:
+            # (batch*seq, hidden) from a module that flattens, or (seq, hidden) without a batch.
+            rows = self.batch_size or 1
+            t = t.reshape(rows, -1, t.shape[-1]) if t.shape[0] % rows == 0 else t.unsqueeze(0)
+        if self.last_token_only:
+            t = t[:, -1:]
+        non_blocking = t.device.type == "cuda" and self.device.type == "cpu"
+        if non_blocking:
+            # Pinned memory lets the copy overlap with the next layer's kernels.
+            out = torch.empty(t.shape, dtype=self.dtype, device="cpu", pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            chunks.append(out)
+        else:
+            chunks.append(t.to(device=self.device, dtype=self.dtype, copy=True))
+
+    def synchronize(self) -> None:
+        """Wait for asynchronous device-to-host copies to land."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def hook_for(self, site: Site) -> Callable[..., None]:
+        """Return the hook function that records ``site``."""
+        name = site.name
+        if site.hook == "input":
+
+            def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                value = args[0] if args else kwargs.get("hidden_states")
+                if value is None:
+                    raise TypeError(f"Cannot find the input of {site.module_path} to record {name}")
+                self.store(name, value)
+
+            return pre_hook
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            self.store(name, _first_tensor(output))
+
+        return hook
+
+
+@contextmanager
+def recording(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
+    """Attach ``recorder``'s hooks to ``model`` for the length of the block.
+
+    Args:
+        model: The model whose modules are named by the recorder's sites.
+        recorder: What records.
+
+    Yields:
+        The recorder, filled by every forward pass run inside the block.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for site in recorder.sites:
+            module = modules[site.module_path]
+            if site.hook == "input":
+                handles.append(
+                    module.register_forward_pre_hook(recorder.hook_for(site), with_kwargs=True)
+                )
+            else:
+                handles.append(module.register_forward_hook(recorder.hook_for(site)))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()

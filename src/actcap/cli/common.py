@@ -1,0 +1,85 @@
+"""Helpers shared by the subcommands: error conversion and option parsing."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from actcap.errors import ActcapError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(fn: F) -> F:
+    """Turn actcap's own errors into ``Error: ...`` and exit status 1 (tracebacks mean bugs)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ActcapError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_layers(text: str | None) -> str | None:
+    """``--layers``: None and ``all`` mean embeddings plus every layer; the rest is passed on."""
+    if text is None or text.strip() == "all":
+        return None
+    return text
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``--sites resid,attn,mlp`` into a tuple."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+layers_option = click.option(
+    "--layers",
+    default=None,
+    help="Layers to capture: 'all' (embeddings + every layer, the default), '0-3,-1', "
+    "'-4:', or site names such as 'embeddings,layer_2.mlp,final_norm'.",
+)
+sites_option = click.option(
+    "--sites",
+    "kinds",
+    default="resid",
+    show_default=True,
+    help="Which sites of each layer: any of resid, attn, mlp, comma-separated.",
+)
+dtype_option = click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Storage dtype of the activations.",
+)
+token_option = click.option(
+    "--token-selection",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "last", "mean"]),
+    help="Keep every token, the last one, or their mean.",
+)
+model_option = click.option(
+    "--model",
+    default="default",
+    show_default=True,
+    help="'default' (built-in SmolLM2-135M-Instruct), a hub id, a model folder or a .gguf file.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+)

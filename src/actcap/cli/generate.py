@@ -1,0 +1,68 @@
+"""``actcap generate``: answer one prompt and save its activations."""
+
+from __future__ import annotations
+
+import click
+
+from actcap.cli.common import (
+    device_option,
+    dtype_option,
+    layers_option,
+    model_option,
+    parse_kinds,
+    parse_layers,
+    reports_errors,
+    sites_option,
+    token_option,
+)
+
+
+@click.command()
+@click.argument("prompt")
+@click.option(
+    "--save", "save_path", type=click.Path(dir_okay=False), help="Write the activation file here."
+)
+@model_option
+@layers_option
+@sites_option
+@token_option
+@dtype_option
+@device_option
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--capture-generated", is_flag=True, help="Also capture the answer's tokens.")
+@reports_errors
+def generate(
+    prompt: str,
+    save_path: str | None,
+    model: str,
+    layers: str | None,
+    kinds: str,
+    token_selection: str,
+    dtype: str,
+    device: str,
+    max_new_tokens: int,
+    capture_generated: bool,
+) -> None:
+    """Answer PROMPT with the model and capture its activations."""
+    from actcap.api import generate_inference_with_activations
+
+    response, data = generate_inference_with_activations(
+        prompt,
+        model,
+        save_path=save_path,
+        layers_to_capture=parse_layers(layers),
+        sites=parse_kinds(kinds),  # type: ignore[arg-type]
+        token_selection=token_selection,  # type: ignore[arg-type]
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        capture_generated=capture_generated,
+        device=device,
+    )
+    click.echo(response)
+    acts = data["activations"]
+    first = next(iter(acts.values()))
+    click.echo(
+        f"captured {len(acts)} sites, shape {tuple(first.shape)} each, dtype {dtype}"
+        + (f" -> {save_path}" if save_path else ""),
+        err=True,
+    )

@@ -1,0 +1,24 @@
+"""The ``actcap`` command group. Subcommands import torch only when they run."""
+
+from __future__ import annotations
+
+import click
+
+from actcap import __version__
+from actcap.cli.generate import generate
+from actcap.cli.inspect_cmd import inspect_file
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="actcap")
+def cli() -> None:
+    """Capture a language model's activations while it answers, store them, analyse them."""
+
+
+cli.add_command(generate)
+cli.add_command(inspect_file)
+
+
+def main() -> None:
+    """Entry point of the ``actcap`` console script."""
+    cli()

@@ -1,0 +1,66 @@
+"""The errors actcap raises on purpose.
+
+Every message says what failed, on which value, and what to do next. The command line turns
+these into a one-line ``Error: ...`` and exit status 1; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ActcapError(Exception):
+    """Base class for every error actcap raises on purpose."""
+
+
+class ModelLoadError(ActcapError):
+    """A model or tokenizer could not be found or loaded."""
+
+
+class UnknownNameError(ActcapError, KeyError):
+    """A site, layer, benchmark, grader or option value that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message.
+        return str(self.args[0]) if self.args else ""
+
+
+class FormatError(ActcapError):
+    """A file or run directory that is not in a format actcap can read."""
+
+
+class UnsafeFileError(FormatError):
+    """A file whose loading could run code (a pickle), refused without an explicit trust flag."""
+
+
+class MissingDependencyError(ActcapError, ImportError):
+    """An optional extra that a feature needs is not installed."""
+
+
+class BenchmarkError(ActcapError):
+    """A benchmark file or question that cannot be read or used."""
+
+
+class RunError(ActcapError):
+    """A run directory that cannot be written: locked, mismatched config, out of space."""
+
+
+class CaptureError(ActcapError):
+    """A capture request that cannot be carried out on this input."""
+
+
+def require(module: str, extra: str, feature: str) -> None:
+    """Check that an optional dependency can be imported.
+
+    Args:
+        module: The module to import, e.g. ``"matplotlib"``.
+        extra: The actcap extra that installs it, e.g. ``"plot"``.
+        feature: What needs it, for the message.
+
+    Raises:
+        MissingDependencyError: When the module cannot be imported.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(
+            f"{feature} needs the optional package {module!r}, which is not installed. "
+            f"Install it with: pip install 'actcap[{extra}]'"
+        )

@@ -1,0 +1,250 @@
+"""Load a causal language model and its tokenizer from a hub id, a folder, a GGUF file or "default".
+
+Loaded models are kept in a per-process cache keyed by what was asked for, so calling the public
+API once per prompt loads the model once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from actcap.errors import ModelLoadError, UnknownNameError
+from actcap.models.builtin import DEFAULT_MODEL_NAME, convert_gguf, default_gguf_path
+from actcap.models.layout import Layout, find_layout
+
+Device = Literal["auto", "cpu", "cuda", "mps"] | str
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for capture: the module, its tokenizer and where it came from."""
+
+    model: nn.Module
+    """The ``PreTrainedModel``, in eval mode."""
+    tokenizer: Any
+    """Its tokenizer, padding on the left (batched generation and capture need it)."""
+    name: str
+    """What the user asked for: ``"default"``, a hub id, a folder or a file."""
+    source: str
+    """Where the weights were read from (a folder or hub id)."""
+    layout: Layout = field(repr=False)
+    """Where the decoder blocks and final norm are."""
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the input embeddings (where inputs go)."""
+        emb = self.model.get_input_embeddings()  # type: ignore[operator]
+        return next(emb.parameters()).device  # type: ignore[no-any-return]
+
+    @property
+    def display_name(self) -> str:
+        """The name stored in activation files."""
+        return DEFAULT_MODEL_NAME if self.name == "default" else self.name
+
+
+_cache: dict[tuple[str, str, str | None, str | None], LoadedModel] = {}
+_lock = threading.Lock()
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Turn ``"bfloat16"``-style names into a torch dtype.
+
+    Raises:
+        UnknownNameError: For a name that is not a floating dtype actcap supports.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise UnknownNameError(
+            f"Unknown dtype {dtype!r}. Choose one of: float32, float16, bfloat16."
+        ) from None
+
+
+def resolve_device(device: Device) -> str:
+    """Turn ``"auto"`` into the best available device; check the others exist.
+
+    Raises:
+        ModelLoadError: When the requested accelerator is not available.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r} but CUDA is not available; use --device cpu.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device='mps' but MPS is not available; use --device cpu.")
+    return device
+
+
+def load_model(
+    spec: str | LoadedModel = "default",
+    *,
+    device: Device = "auto",
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    cache: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and tokenizer, or return the one already loaded for the same request.
+
+    Args:
+        spec: ``"default"`` (the built-in SmolLM2-135M-Instruct), a hub id such as
+            ``"meta-llama/Llama-3.2-3B-Instruct"``, a local model folder, or a ``.gguf`` file. A
+            ``LoadedModel`` is returned as it is.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``. Ignored when
+            ``device_map`` is given.
+        dtype: Weights dtype (``"float32"``, ``"float16"``, ``"bfloat16"``); the checkpoint's own
+            when None.
+        device_map: Passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a model that does
+            not fit on one GPU over several, with accelerate).
+        cache: Keep the model for later calls with the same arguments.
+
+    Returns:
+        The loaded model, in eval mode, with a left-padding tokenizer.
+
+    Raises:
+        ModelLoadError: When the model cannot be found or read; the message says what to run.
+
+    Example:
+        >>> lm = load_model("default")
+        >>> lm.model.config.num_hidden_layers
+        30
+    """
+    if isinstance(spec, LoadedModel):
+        return spec
+    torch_dtype = parse_dtype(dtype)
+    resolved_device = None if device_map is not None else resolve_device(device)
+    key = (spec, str(torch_dtype), resolved_device, repr(device_map) if device_map else None)
+    with _lock:
+        if cache and key in _cache:
+            return _cache[key]
+        loaded = _load_uncached(spec, resolved_device, torch_dtype, device_map)
+        if cache:
+            _cache[key] = loaded
+        return loaded
+
+
+def clear_model_cache() -> None:
+    """Forget every cached model (frees their memory once no one else holds them)."""
+    with _lock:
+        _cache.clear()
+
+
+def _source_folder(spec: str) -> str:
+    if spec == "default":
+        return str(convert_gguf(default_gguf_path()))
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{spec}: no such GGUF file.")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{spec}: not a model folder or .gguf file. Pass a folder holding config.json "
+                "and weights, a .gguf file, a hub id, or 'default'."
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{spec}: this folder holds no config.json, so it is no model folder."
+            )
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"{spec}: no such file or folder.")
+    return spec  # a hub id
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-load progress bar (a plain load takes about a second)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_uncached(
+    spec: str,
+    device: str | None,
+    dtype: torch.dtype | None,
+    device_map: str | dict[str, Any] | None,
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _source_folder(spec)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "The hub is not reachable from here (offline), so only models already in the Hugging "
+            "Face cache can load. "
+            if offline
+            else ""
+        )
+        raise ModelLoadError(
+            f"Cannot load model {spec!r}: {e}. {hint}Check the hub id (and `huggingface-cli login` "
+            "for gated models), or pass a local folder, a .gguf file, or 'default'."
+        ) from e
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"Cannot load model {spec!r}: {e}") from e
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=spec, source=source, layout=find_layout(model)
+    )
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, name: str = "custom") -> LoadedModel:
+    """Wrap an already constructed model and tokenizer (for example a tiny test model).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer; switched to left padding.
+        name: The name stored in activation files.
+    """
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, source=name, layout=find_layout(model)
+    )

@@ -1,0 +1,404 @@
+"""Writing and reading single-sample activation files.
+
+Writes are atomic (a temporary name in the same folder, fsync, rename), so a reader or a crash
+sees either the whole file or none. Reads check the file before trusting it and name the file in
+every error. Older pipelines' ``torch.save`` files load through ``torch.load(weights_only=True)``;
+a pickle that needs more is refused unless the caller trusts it explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from actcap.errors import FormatError, UnknownNameError, UnsafeFileError
+from actcap.storage.format import FORMAT_NAME, FORMAT_VERSION, ID_TENSORS, SampleMeta
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+
+
+def site_sort_key(name: str) -> tuple[int, int, str]:
+    """Order sites as they sit in the network: embeddings, layer_0, layer_0.attn, ..., final_norm."""
+    m = re.match(r"^layer_(\d+)(.*)$", name)
+    if name == "embeddings":
+        return (0, 0, "")
+    if m:
+        return (1, int(m.group(1)), m.group(2))
+    if name == "final_norm":
+        return (2, 0, "")
+    return (3, 0, name)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_activations(
+    path: str | os.PathLike[str],
+    activations: Mapping[str, Tensor],
+    meta: SampleMeta,
+    *,
+    input_ids: Tensor | None = None,
+    output_ids: Tensor | None = None,
+) -> Path:
+    """Write one sample's activations and metadata to a ``.safetensors`` file, atomically.
+
+    Args:
+        path: Destination file.
+        activations: Site name to tensor (any device; copied to CPU).
+        meta: Prompt, response, model, timestamp and the rest.
+        input_ids: The prompt's token ids.
+        output_ids: The generated token ids, when there are any.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FormatError: When a site is named like a token-id tensor.
+
+    Example:
+        >>> save_activations("a.safetensors", {"layer_0": torch.zeros(3, 8)}, SampleMeta("hi"))
+        PosixPath('a.safetensors')
+    """
+    target = Path(path)
+    tensors: dict[str, Tensor] = {}
+    for name, t in activations.items():
+        if name in ID_TENSORS:
+            raise FormatError(
+                f"{target}: {name!r} is reserved for token ids and cannot name a site."
+            )
+        tensors[name] = t.detach().to("cpu").contiguous()
+    for name, ids in (("input_ids", input_ids), ("output_ids", output_ids)):
+        if ids is not None:
+            tensors[name] = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta.to_header())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return target
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Read and check a safetensors header without loading any tensor.
+
+    Raises:
+        FormatError: When the file is empty, truncated, or not a safetensors file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(
+                    f"{path}: file is {'empty' if size == 0 else 'truncated'} ({size} bytes); not an activation file."
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise FormatError(
+                    f"{path}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})."
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read file ({e.strerror or e}).") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: corrupt safetensors header ({e}).") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object).")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
+            raise FormatError(f"{path}: corrupt entry for tensor {name!r} in the header.")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise FormatError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}.")
+    return header
+
+
+def check_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
+    """Check the actcap metadata of a header and return it.
+
+    Files without actcap metadata (plain safetensors) are accepted; a newer format is refused.
+
+    Raises:
+        FormatError: For an unknown, newer or malformed ``format_version``.
+    """
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: corrupt metadata in the header.")
+    if meta.get("format") not in (None, FORMAT_NAME):
+        raise FormatError(
+            f"{path}: format {meta.get('format')!r} is not an actcap activation file."
+        )
+    if "format_version" in meta:
+        try:
+            version = int(meta["format_version"])
+        except (TypeError, ValueError):
+            raise FormatError(
+                f"{path}: format_version {meta['format_version']!r} is not a number."
+            ) from None
+        if version > FORMAT_VERSION:
+            raise FormatError(
+                f"{path}: format_version {version} is newer than this actcap supports "
+                f"({FORMAT_VERSION}); upgrade actcap (pip install -U actcap)."
+            )
+        if version < 1:
+            raise FormatError(f"{path}: unknown format_version {version}.")
+    if "extra" in meta:
+        try:
+            json.loads(meta["extra"])
+        except (TypeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: metadata 'extra' is not valid JSON ({e}).") from e
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+class ActivationFile:
+    """A lazily read activation file: metadata at once, tensors only when asked (memory-mapped).
+
+    Example:
+        >>> with ActivationFile("q0001.safetensors") as f:
+        ...     f.sites, f.shape("layer_3")
+        ...     x = f.get("layer_3")
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open ``path`` and check its header; tensors are not read.
+
+        Raises:
+            FormatError: When the file is no valid activation file.
+        """
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file.")
+        if self.path.suffix.lower() in _PICKLE_SUFFIXES:
+            raise FormatError(
+                f"{self.path}: a {self.path.suffix} file cannot be read lazily; use load_activations()."
+            )
+        self.header = read_header(self.path)
+        self.raw_metadata = check_metadata(self.path, self.header)
+        try:
+            self._handle: Any = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
+        self.meta = SampleMeta.from_header(self.raw_metadata)
+
+    def __enter__(self) -> ActivationFile:
+        """Use as a context manager."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release the memory map."""
+        self.close()
+
+    def close(self) -> None:
+        """Release the memory map."""
+        self._handle = None
+
+    @property
+    def names(self) -> list[str]:
+        """All tensor names in the file."""
+        return [k for k in self.header if k != "__metadata__"]
+
+    @property
+    def sites(self) -> list[str]:
+        """Activation sites in the file (token-id tensors excluded), in the order stored."""
+        return sorted((k for k in self.names if k not in ID_TENSORS), key=site_sort_key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a tensor, from the header."""
+        self._check_name(name)
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor (``F32``, ``BF16``, ...)."""
+        self._check_name(name)
+        return str(self.header[name]["dtype"])
+
+    def get(self, name: str) -> Tensor:
+        """Read one tensor."""
+        self._check_name(name)
+        try:
+            return self._handle.get_tensor(name)  # type: ignore[no-any-return]
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{self.path}: cannot read tensor {name!r} ({e}).") from e
+
+    def get_slice(self, name: str) -> Any:
+        """A sliceable view of one tensor (``f.get_slice("layer_3")[-1]`` reads one row)."""
+        self._check_name(name)
+        return self._handle.get_slice(name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.header or name == "__metadata__":
+            raise UnknownNameError(
+                f"{self.path}: no site {name!r}. Sites in this file: {', '.join(self.sites)}."
+            )
+
+    def iter_sites(self, sites: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(site, tensor)`` one at a time (bounded memory)."""
+        for name in sites if sites is not None else self.sites:
+            yield name, self.get(name)
+
+
+def load_activations(
+    file_path: str | os.PathLike[str],
+    sites: Sequence[str] | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """Load an activation file into the dictionary the seed pipeline used.
+
+    Args:
+        file_path: A ``.safetensors`` file written by actcap (or any safetensors file), or a
+            ``.pt``/``.pkl`` file written by ``torch.save`` in older pipelines.
+        sites: Read only these sites (memory-mapped, so one layer of a large file loads fast).
+        trust_pickle: Allow a pickle that ``torch.load(weights_only=True)`` refuses. Unpickling
+            can run arbitrary code: only pass True for files you made yourself.
+
+    Returns:
+        ``{"prompt", "response", "model", "timestamp", "input_ids", "output_ids",
+        "activations": {site: tensor}, "metadata": {...}}``.
+
+    Raises:
+        FormatError: The file is missing, truncated, corrupt or of a newer format.
+        UnsafeFileError: A pickle that needs code execution, without ``trust_pickle``.
+    """
+    path = Path(file_path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file.")
+    if _looks_like_pickle(path):
+        return _load_legacy(path, sites, trust_pickle)
+    with ActivationFile(path) as f:
+        wanted = list(sites) if sites is not None else f.sites
+        acts = dict(f.iter_sites(wanted))
+        meta = f.meta
+        names = f.names
+        input_ids = f.get("input_ids") if "input_ids" in names else None
+        output_ids = f.get("output_ids") if "output_ids" in names else None
+        raw = f.raw_metadata
+    return {
+        "prompt": meta.prompt,
+        "response": meta.response,
+        "model": meta.model,
+        "timestamp": meta.timestamp,
+        "input_ids": input_ids,
+        "output_ids": output_ids,
+        "activations": acts,
+        "metadata": {**raw, "extra": meta.extra},
+    }
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return True
+    if path.suffix.lower() == ".safetensors":
+        return False  # named as safetensors: read (and checked) as such, never unpickled
+    with open(path, "rb") as f:
+        start = f.read(2)
+    # torch.save writes a zip ("PK"); a raw pickle starts with the PROTO opcode 0x80.
+    return start == b"PK" or (len(start) == 2 and start[0] == 0x80)
+
+
+def _load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) -> dict[str, Any]:
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it was not written with; the load is still safe.
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle:
+            raise UnsafeFileError(
+                f"{path}: this pickle holds objects beyond tensors and plain containers, and loading "
+                "it could run arbitrary code. If you made this file yourself, pass "
+                "trust_pickle=True (CLI: --trust-pickle); otherwise do not open it."
+            ) from e
+        try:
+            with open(path, "rb") as f:
+                is_zip = f.read(2) == b"PK"
+            if is_zip:
+                data = torch.load(path, map_location="cpu", weights_only=False)
+            else:  # a plain pickle.dump, which torch.load's legacy reader does not take
+                with open(path, "rb") as f:
+                    data = pickle.load(f)  # noqa: S301 - the caller said they trust this file
+        except Exception as e2:  # any unpickling failure of a trusted file
+            raise FormatError(f"{path}: cannot unpickle ({e2}).") from e2
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+        raise FormatError(f"{path}: not a readable torch.save file ({e}).") from e
+    if not isinstance(data, dict) or not isinstance(data.get("activations"), dict):
+        raise FormatError(
+            f"{path}: a torch.save file without an 'activations' dictionary is not an activation file."
+        )
+    acts = data["activations"]
+    if sites is not None:
+        missing = [s for s in sites if s not in acts]
+        if missing:
+            raise UnknownNameError(
+                f"{path}: no site {missing[0]!r}. Sites in this file: {', '.join(acts)}."
+            )
+        acts = {s: acts[s] for s in sites}
+    return {
+        "prompt": data.get("prompt", ""),
+        "response": data.get("response", ""),
+        "model": data.get("model", ""),
+        "timestamp": data.get("timestamp", ""),
+        "input_ids": data.get("input_ids"),
+        "output_ids": data.get("output_ids"),
+        "activations": dict(acts),
+        "metadata": {k: v for k, v in data.items() if k != "activations"},
+    }
