@@ -45,7 +45,9 @@ def main() -> None:
     prompts = [format_prompt(lm.tokenizer, q) for q in QUESTIONS]
     batch = encode(lm, prompts)
     lengths = batch["attention_mask"].sum(1).tolist()
-    print(f"model {lm.display_name}, device {args.device}, batch {len(prompts)}, prompt tokens {min(lengths)}-{max(lengths)}")
+    print(
+        f"model {lm.display_name}, device {args.device}, batch {len(prompts)}, prompt tokens {min(lengths)}-{max(lengths)}"
+    )
     spec = CaptureSpec(layers=None)  # embeddings + every layer, all tokens, float32
 
     def sync() -> None:

@@ -22,6 +22,10 @@ _EXPORTS: dict[str, str] = {
     "CaptureSpec": "actcap.capture.spec",
     "run_prompts": "actcap.capture.collect",
     "ActcapError": "actcap.errors",
+    "answer_benchmark_question_with_activations": "actcap.bench.api",
+    "answer_and_grade_benchmark_question": "actcap.bench.api",
+    "load_benchmark": "actcap.bench.sources",
+    "run_benchmark": "actcap.bench.runner",
 }
 
 __all__ = [
@@ -30,15 +34,25 @@ __all__ = [
     "CaptureSpec",
     "SampleMeta",
     "__version__",
+    "answer_and_grade_benchmark_question",
+    "answer_benchmark_question_with_activations",
     "generate_inference_with_activations",
     "load_activations",
+    "load_benchmark",
     "load_model",
+    "run_benchmark",
     "run_prompts",
     "save_activations",
 ]
 
 if TYPE_CHECKING:
     from actcap.api import generate_inference_with_activations
+    from actcap.bench.api import (
+        answer_and_grade_benchmark_question,
+        answer_benchmark_question_with_activations,
+    )
+    from actcap.bench.runner import run_benchmark
+    from actcap.bench.sources import load_benchmark
     from actcap.capture.collect import run_prompts
     from actcap.capture.spec import CaptureSpec
     from actcap.errors import ActcapError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from actcap import __version__
+from actcap.cli.eval_cmd import eval_command
 from actcap.cli.generate import generate
 from actcap.cli.inspect_cmd import inspect_file
 
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(generate)
 cli.add_command(inspect_file)
+cli.add_command(eval_command)
 
 
 def main() -> None:

@@ -1,0 +1,74 @@
+"""The main job, with the flags of the pipeline actcap grew from.
+
+    python main.py --capture_activations --activation_save_dir my_activations
+
+answers the built-in demo benchmark with the built-in model, grades it, and writes every sample's
+activations into the run directory ``--activation_save_dir``. It calls the same code as
+``actcap eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from actcap.bench.runner import EvalOptions, run_benchmark
+from actcap.bench.sources import load_benchmark
+from actcap.capture.spec import CaptureSpec
+from actcap.cli.eval_cmd import report
+from actcap.errors import ActcapError
+from actcap.models.loading import load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, run the evaluation, print the accuracy and where the files are."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--capture_activations", action="store_true", help="Capture and store activations."
+    )
+    p.add_argument(
+        "--activation_save_dir", default="activations", help="Run directory for the activations."
+    )
+    p.add_argument(
+        "--model", default="default", help="'default', a hub id, a folder or a .gguf file."
+    )
+    p.add_argument(
+        "--benchmark",
+        default="demo",
+        help="demo, mmlu:PATH, gsm8k:PATH, ... (see actcap eval --help).",
+    )
+    p.add_argument("--limit", type=int, default=None, help="Answer only the first N questions.")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--layers", default=None, help="Layers to capture (default: embeddings + all).")
+    p.add_argument("--token_selection", default="all", choices=["all", "last", "mean"])
+    p.add_argument("--few_shot", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="Continue an interrupted run.")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        bench = load_benchmark(args.benchmark)
+        capture = (
+            CaptureSpec(layers=args.layers, token_selection=args.token_selection)
+            if args.capture_activations
+            else None
+        )
+        lm = load_model(args.model, device=args.device)
+        result = run_benchmark(
+            lm,
+            bench,
+            capture=capture,
+            options=EvalOptions(
+                batch_size=args.batch_size, limit=args.limit, few_shot=args.few_shot
+            ),
+            out=args.activation_save_dir,
+            resume=args.resume,
+        )
+    except ActcapError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    report(result, bench.name, lm.display_name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Analysis: statistics, comparisons, probes and pictures of stored runs (reads through storage only)."""

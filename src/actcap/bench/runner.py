@@ -1,0 +1,329 @@
+"""The evaluation runner: questions -> prompts -> batched answers -> grades -> run directory.
+
+Each finished sample is written (activation file, then manifest line) as soon as its batch is
+done, so a crash loses at most the batch in flight; ``resume=True`` skips finished samples.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from actcap.bench.graders import Grade, get_grader, parse_number
+from actcap.bench.prompts import Mode, build_prompt
+from actcap.bench.questions import Benchmark, Question
+from actcap.bench.scoring import Answer, ChoiceFormat, answer_generate, answer_loglik
+from actcap.capture.collect import GenerationOptions
+from actcap.capture.sites import resolve_sites
+from actcap.capture.spec import CaptureSpec
+from actcap.errors import BenchmarkError
+from actcap.models.loading import LoadedModel
+from actcap.storage.format import SampleMeta, utc_now
+from actcap.storage.run import ManifestEntry, RunWriter
+
+ModeOption = Literal["auto", "generate", "loglik"]
+DEFAULT_CAPTURE = CaptureSpec()
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to answer and grade."""
+
+    mode: ModeOption = "auto"
+    """``loglik`` for multiple choice and ``generate`` for the rest (``auto``), or one for all."""
+    few_shot: int = 0
+    """Solved examples shown before each question."""
+    batch_size: int = 8
+    """Questions per forward pass."""
+    max_new_tokens: int = 64
+    """Upper bound on a generated answer."""
+    grader: str | None = None
+    """Override every question's grader."""
+    choice_format: ChoiceFormat = "letter"
+    """Log-likelihood of the letters (MMLU style) or of the choice texts."""
+    chat: bool | None = None
+    """Force the chat template on or off."""
+    limit: int | None = None
+    """Answer only the first N questions."""
+    sort_by_length: bool = True
+    """Batch questions of similar length together (less padding; results are unchanged)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready view for ``run.json``."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation gives back."""
+
+    accuracy: float
+    """Share of graded samples that are correct."""
+    n: int
+    """Samples graded."""
+    n_correct: int
+    """Correct samples."""
+    per_category: dict[str, dict[str, float]]
+    """Category to ``{"accuracy", "n", "n_correct"}``."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """Manifest records, in question order."""
+    out: Path | None = None
+    """The run directory, when one was written."""
+    wall_seconds: float = 0.0
+    """Time spent answering in this call."""
+    answered: int = 0
+    """Questions answered in this call (not counting resumed ones)."""
+
+
+def mode_for(q: Question, option: ModeOption) -> Mode:
+    """Which answering mode a question gets.
+
+    Raises:
+        BenchmarkError: For log-likelihood on a question without choices.
+    """
+    if option == "auto":
+        return "loglik" if q.is_multiple_choice else "generate"
+    if option == "loglik" and not q.is_multiple_choice:
+        raise BenchmarkError(
+            f"Question {q.id!r} has no choices, so it cannot be answered by log-likelihood; use --mode generate or auto."
+        )
+    return option
+
+
+def grader_name_for(q: Question, mode: Mode, benchmark: Benchmark, override: str | None) -> str:
+    """The grader: the user's, the question's, the benchmark's, else one that fits the question."""
+    if override:
+        return override
+    if mode == "loglik":
+        return "choice"
+    if q.grader:
+        return q.grader
+    if benchmark.default_grader:
+        return benchmark.default_grader
+    if q.is_multiple_choice:
+        return "mc_letter"
+    return "numeric" if parse_number(q.answer) is not None else "contains"
+
+
+def versions() -> dict[str, str]:
+    """Library versions for the run record."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("actcap", "torch", "transformers", "safetensors", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def summarize(
+    records: Sequence[dict[str, Any]],
+) -> tuple[float, int, int, dict[str, dict[str, float]]]:
+    """Accuracy overall and per category from manifest records."""
+    graded = [r for r in records if r.get("correct") is not None]
+    by_cat: dict[str, list[bool]] = defaultdict(list)
+    for r in graded:
+        by_cat[str(r.get("category", ""))].append(bool(r["correct"]))
+    n_correct = sum(bool(r["correct"]) for r in graded)
+    per_cat = {
+        c: {"accuracy": sum(v) / len(v), "n": len(v), "n_correct": sum(v)}
+        for c, v in sorted(by_cat.items())
+    }
+    return (n_correct / len(graded) if graded else 0.0), len(graded), n_correct, per_cat
+
+
+def run_benchmark(
+    lm: LoadedModel,
+    benchmark: Benchmark,
+    *,
+    capture: CaptureSpec | None = DEFAULT_CAPTURE,
+    options: EvalOptions | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_sample: Callable[[ManifestEntry], None] | None = None,
+) -> EvalResult:
+    """Answer and grade a benchmark, writing every sample's activations into a run directory.
+
+    Args:
+        lm: The model.
+        benchmark: The questions.
+        capture: What to capture; None evaluates only.
+        options: Answering and grading options.
+        out: The run directory; None keeps everything in memory (nothing written).
+        resume: Continue a run in ``out`` that has finished samples.
+        progress: Show a progress bar with the running accuracy.
+        on_sample: Called after each sample is written (tests use it to inject faults).
+
+    Returns:
+        Accuracy overall and per category, and the records.
+
+    Raises:
+        RunError: The run directory is locked, holds another run, or cannot be written.
+        BenchmarkError: A question cannot be answered as asked.
+    """
+    options = options or EvalOptions()
+    bench = benchmark.limited(options.limit)
+    spec = capture if capture is not None else CaptureSpec(layers=[])
+    sites = (
+        resolve_sites(lm.model, lm.layout, capture.layers, capture.kinds)
+        if capture is not None
+        else []
+    )
+    config = {
+        "model": lm.display_name,
+        "model_source": lm.source,
+        "benchmark": bench.name,
+        "n_questions": len(bench.questions),
+        "capture": capture.to_json() if capture is not None else None,
+        "sites": [s.name for s in sites],
+        "options": options.to_json(),
+        "started": utc_now(),
+        "versions": versions(),
+    }
+    writer = RunWriter.open(out, config, resume=resume) if out is not None else None
+    records: dict[str, dict[str, Any]] = {}
+    if writer is not None:
+        records.update({qid: e.record for qid, e in writer.done.items()})
+    try:
+        todo = [q for q in bench.questions if q.id not in records]
+        plan = [(q, mode_for(q, options.mode)) for q in todo]
+        prompts = {
+            q.id: build_prompt(
+                lm.tokenizer, q, bench.shots_for(q, options.few_shot), m, options.chat
+            )
+            for q, m in plan
+        }
+        t0 = time.perf_counter()
+        bar = _progress(len(bench.questions), len(records), progress)
+        for mode in ("loglik", "generate"):
+            group = [q for q, m in plan if m == mode]
+            if options.sort_by_length:
+                group.sort(key=lambda q: len(prompts[q.id]), reverse=True)
+            for start in range(0, len(group), options.batch_size):
+                batch = group[start : start + options.batch_size]
+                texts = [prompts[q.id] for q in batch]
+                if mode == "loglik":
+                    answers = answer_loglik(
+                        lm, batch, texts, spec, sites, options.batch_size, options.choice_format
+                    )
+                else:
+                    gen = GenerationOptions(max_new_tokens=options.max_new_tokens)
+                    answers = answer_generate(lm, texts, spec, sites, gen, options.batch_size)
+                for q, a in zip(batch, answers, strict=True):
+                    record = _grade_and_record(q, a, mode, bench, options)
+                    records[q.id] = record
+                    if writer is not None:
+                        entry = _write(writer, lm, bench, q, a, record, capture)
+                        if on_sample is not None:
+                            on_sample(entry)
+                    if bar is not None:
+                        bar.update(1)
+                        acc, n, _, _ = summarize(list(records.values()))
+                        bar.set_postfix(acc=f"{acc:.3f}", n=n)
+        wall = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        ordered = [records[q.id] for q in bench.questions if q.id in records]
+        acc, n, n_correct, per_cat = summarize(ordered)
+        result = EvalResult(
+            acc,
+            n,
+            n_correct,
+            per_cat,
+            ordered,
+            Path(out) if out is not None else None,
+            wall,
+            len(todo),
+        )
+        if writer is not None:
+            writer.write_results(
+                {
+                    "accuracy": acc,
+                    "n": n,
+                    "n_correct": n_correct,
+                    "per_category": per_cat,
+                    "n_questions": len(bench.questions),
+                    "answered_this_session": len(todo),
+                    "wall_seconds": round(wall, 3),
+                    "questions_per_second": round(len(todo) / wall, 3)
+                    if wall > 0 and todo
+                    else None,
+                    "finished": utc_now(),
+                }
+            )
+        return result
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="eval", unit="q", dynamic_ncols=True)
+
+
+def _grade_and_record(
+    q: Question, a: Answer, mode: Mode, bench: Benchmark, options: EvalOptions
+) -> dict[str, Any]:
+    grader_name = grader_name_for(q, mode, bench, options.grader)
+    reference: Sequence[str] | str = (q.answer, *q.references) if q.references else q.answer
+    grade: Grade = get_grader(grader_name)(a.response, reference)
+    return {
+        "id": q.id,
+        **q.to_record(),
+        "prompt": a.prompt,
+        "response": a.response,
+        "correct": grade.correct,
+        "score": grade.score,
+        "extracted": grade.extracted,
+        "grader": grader_name,
+        "mode": mode,
+        "choice_logprobs": a.choice_logprobs,
+        "n_prompt_tokens": int(a.input_ids.numel()),
+        "n_output_tokens": int(a.output_ids.numel()) if a.output_ids is not None else 0,
+    }
+
+
+def _write(
+    writer: RunWriter,
+    lm: LoadedModel,
+    bench: Benchmark,
+    q: Question,
+    a: Answer,
+    record: dict[str, Any],
+    capture: CaptureSpec | None,
+) -> ManifestEntry:
+    if capture is None:
+        return writer.write_sample(q.id, record)
+    meta = SampleMeta(
+        prompt=a.prompt,
+        response=a.response,
+        model=lm.display_name,
+        token_selection=capture.token_selection,
+        dtype=capture.dtype,
+        extra={
+            "benchmark": bench.name,
+            "question_id": q.id,
+            "category": q.category,
+            "reference": q.answer,
+            "correct": record["correct"],
+            "score": record["score"],
+            "extracted": record["extracted"],
+            "mode": record["mode"],
+            "grader": record["grader"],
+        },
+    )
+    return writer.write_sample(
+        q.id, record, a.activations, meta, input_ids=a.input_ids, output_ids=a.output_ids
+    )

@@ -1,0 +1,168 @@
+"""``actcap eval``: answer a benchmark, grade it, and store every sample's activations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from actcap.cli.common import (
+    device_option,
+    dtype_option,
+    layers_option,
+    model_option,
+    parse_kinds,
+    parse_layers,
+    reports_errors,
+    sites_option,
+    token_option,
+)
+
+
+def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
+    """``--field question=prompt --field answer=target`` into a mapping."""
+    out = {}
+    for v in values:
+        key, sep, column = v.partition("=")
+        if not sep or not key or not column:
+            raise click.BadParameter(
+                f"{v!r}: use OUR_NAME=COLUMN, e.g. question=prompt", param_hint="--field"
+            )
+        out[key.strip()] = column.strip()
+    return out
+
+
+@click.command("eval")
+@model_option
+@click.option(
+    "--benchmark",
+    default="demo",
+    show_default=True,
+    help="demo, mmlu:PATH, gsm8k:PATH, truthfulqa:PATH, truthfulqa-gen:PATH, hf:NAME[:CONFIG[:SPLIT]], or a .jsonl/.json/.csv file.",
+)
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Run directory (default runs/<benchmark>).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue a run in --out: skip finished samples, clean up leftovers.",
+)
+@click.option(
+    "--few-shot",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Solved examples before each question (MMLU: from dev/).",
+)
+@click.option(
+    "--mode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "generate", "loglik"]),
+    help="auto: log-likelihood for multiple choice, generation for the rest.",
+)
+@click.option(
+    "--grader",
+    default=None,
+    help="Override the grader: exact, contains, mc_letter, numeric, choice, regex:PATTERN.",
+)
+@click.option(
+    "--choice-format",
+    default="letter",
+    show_default=True,
+    type=click.Choice(["letter", "text"]),
+    help="Log-likelihood of the letters or of the choice texts.",
+)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--limit", default=None, type=click.IntRange(min=1), help="Answer only the first N questions."
+)
+@layers_option
+@sites_option
+@token_option
+@dtype_option
+@click.option("--capture-generated", is_flag=True, help="Also capture the generated tokens.")
+@click.option("--no-capture", is_flag=True, help="Evaluate only: no activation files.")
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    help="Column names for generic files: question=COL, answer=COL, choices=COL, id=COL, category=COL.",
+)
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def eval_command(**kw: Any) -> None:
+    """Evaluate a model on a benchmark, capturing activations for every question."""
+    from actcap.bench.runner import EvalOptions, run_benchmark
+    from actcap.bench.sources import load_benchmark
+    from actcap.capture.spec import CaptureSpec
+    from actcap.models.loading import load_model
+
+    bench = load_benchmark(kw["benchmark"], parse_fields(kw["fields"]))
+    capture = None
+    if not kw["no_capture"]:
+        capture = CaptureSpec(
+            layers=parse_layers(kw["layers"]),
+            kinds=parse_kinds(kw["kinds"]),  # type: ignore[arg-type]
+            token_selection=kw["token_selection"],
+            dtype=kw["dtype"],
+            capture_generated=kw["capture_generated"],
+        )
+    options = EvalOptions(
+        mode=kw["mode"],
+        few_shot=kw["few_shot"],
+        batch_size=kw["batch_size"],
+        max_new_tokens=kw["max_new_tokens"],
+        grader=kw["grader"],
+        choice_format=kw["choice_format"],
+        limit=kw["limit"],
+    )
+    if kw["grader"]:
+        from actcap.bench.graders import get_grader
+
+        get_grader(kw["grader"])  # fail before loading the model
+    out = kw["out"] or default_out(kw["benchmark"])
+    lm = load_model(kw["model"], device=kw["device"])
+    result = run_benchmark(
+        lm,
+        bench,
+        capture=capture,
+        options=options,
+        out=out,
+        resume=kw["resume"],
+        progress=not kw["quiet"],
+    )
+    report(result, bench.name, lm.display_name)
+
+
+def default_out(benchmark: str) -> str:
+    """``runs/<benchmark name>`` with unsafe characters replaced."""
+    import re
+    from pathlib import Path
+
+    stem = Path(benchmark.partition(":")[2] or benchmark).stem or benchmark
+    return f"runs/{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}"
+
+
+def report(result: Any, benchmark: str, model: str) -> None:
+    """Print accuracy overall and per category, and where the files are."""
+    click.echo(
+        f"{model} on {benchmark}: accuracy {result.accuracy:.3f} ({result.n_correct}/{result.n})"
+    )
+    for cat, r in result.per_category.items():
+        click.echo(
+            f"  {cat or '(none)':<28} {r['accuracy']:.3f}  ({int(r['n_correct'])}/{int(r['n'])})"
+        )
+    if result.answered and result.wall_seconds > 0:
+        click.echo(
+            f"answered {result.answered} questions in {result.wall_seconds:.1f} s ({result.answered / result.wall_seconds:.2f} q/s)"
+        )
+    if result.out is not None:
+        click.echo(f"run directory: {result.out}  (manifest.jsonl, results.json, samples/)")
