@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from actcap.bench.graders import get_grader
-from actcap.bench.prompts import build_prompt
+from actcap.bench.prompts import Mode, build_prompt
 from actcap.bench.questions import Benchmark, Question
 from actcap.bench.runner import EvalOptions, ModeOption, grader_name_for, mode_for
 from actcap.bench.scoring import Answer, answer_generate, answer_loglik
@@ -43,7 +43,7 @@ def _answer(
     capture: bool,
     mode: ModeOption,
     max_new_tokens: int,
-) -> tuple[Answer, str]:
+) -> tuple[Answer, Mode]:
     m = mode_for(q, mode)
     prompt = build_prompt(lm.tokenizer, q, (), m)
     sites = resolve_sites(lm.model, lm.layout, spec.layers, spec.kinds) if capture else []

@@ -75,9 +75,9 @@ def contains(response: str, reference: Reference) -> Grade:
 
 _LETTER_PATTERNS = [
     re.compile(r"answer\s*(?:is|:)?\s*(?:option\s*)?\(?([A-J])\)?(?![A-Za-z])", re.I),
-    re.compile(r"^\s*\(?([A-J])\)?\s*(?:[).:\-]|$)"),
+    re.compile(r"^\s*\(?([A-J])\)?\s*(?:[).:\-]|$)", re.I),
     re.compile(r"^\s*\(?([A-J])\)?\s"),
-    re.compile(r"\(([A-J])\)"),
+    re.compile(r"\(([A-J])\)", re.I),
     re.compile(r"(?<![A-Za-z])([A-J])(?:[).:]|$)"),
 ]
 

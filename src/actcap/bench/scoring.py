@@ -135,8 +135,9 @@ def answer_loglik(
 def _score_texts(
     lm: LoadedModel, prompt: str, q: Question, choice_format: ChoiceFormat, batch_size: int
 ) -> list[float]:
-    """Sum of log-probabilities of each choice's tokens after the prompt (hooks see these passes
-    too, but the recorder keeps only the first forward per batch).
+    """Sum of log-probabilities of each choice's tokens after the prompt.
+
+    Hooks fire on these passes too, but the recorder keeps only the first forward of the batch.
     """
     conts = [
         f" {LETTERS[i]}" if choice_format == "letter" else f" {c}"

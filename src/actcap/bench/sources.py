@@ -104,7 +104,7 @@ def load_generic(
     """
     p = Path(path)
     mapping = {**DEFAULT_FIELDS, **(fields or {})}
-    questions = []
+    questions: list[Question] = []
     for number, record in read_records(p):
         choices = record.get(mapping["choices"])
         if isinstance(choices, str):
@@ -216,7 +216,7 @@ _GSM_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
 def load_gsm8k(path: str | Path) -> Benchmark:
     """Load GSM8K JSONL (``question``, ``answer``); the reference is the number after ``####``."""
     p = Path(path)
-    questions = []
+    questions: list[Question] = []
     for number, record in read_records(p):
         q, a = record.get("question"), record.get("answer")
         if not isinstance(q, str) or not isinstance(a, str):
@@ -247,7 +247,7 @@ def load_truthfulqa(path: str | Path, generation: bool = False) -> Benchmark:
     Generation (``generation=True``): graded against the correct answers.
     """
     p = Path(path)
-    questions = []
+    questions: list[Question] = []
     for number, record in read_records(p):
         try:
             text, best = record["Question"], record["Best Answer"]
@@ -317,7 +317,7 @@ def load_hf(spec: str, fields: Mapping[str, str] | None = None) -> Benchmark:
             "that the hub is reachable (or download the files and use a local path)."
         ) from e
     mapping = {**DEFAULT_FIELDS, **(fields or {})}
-    questions = []
+    questions: list[Question] = []
     for i, row in enumerate(ds):
         answer = row.get(mapping["answer"])
         choices = row.get(mapping["choices"])
