@@ -20,9 +20,13 @@ def test_public_names():
             "CaptureSpec",
             "SampleMeta",
             "__version__",
+            "answer_and_grade_benchmark_question",
+            "answer_benchmark_question_with_activations",
             "generate_inference_with_activations",
             "load_activations",
+            "load_benchmark",
             "load_model",
+            "run_benchmark",
             "run_prompts",
             "save_activations",
         ]

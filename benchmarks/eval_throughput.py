@@ -1,0 +1,72 @@
+"""Evaluation throughput: the same MMLU questions answered one at a time and in batches.
+
+Both with capture on (every layer, last token), in log-likelihood and in generation mode, on the
+built-in model. Variants run interleaved in the same process; prints questions per second and the
+ratio of batched to one-at-a-time.
+
+    python benchmarks/eval_throughput.py [--n 64] [--batch-size 16] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+from actcap.capture import CaptureSpec
+from actcap.models import load_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--benchmark", default=f"mmlu:{DATA / 'test' / 'high_school_geography_test.csv'}")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--few-shot", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device=args.device)
+    bench = load_benchmark(args.benchmark).limited(args.n)
+    capture = CaptureSpec(layers=None, token_selection="last")
+    variants = {
+        (mode, bs): EvalOptions(mode=mode, batch_size=bs, few_shot=args.few_shot, max_new_tokens=args.max_new_tokens, sort_by_length=bs > 1)
+        for mode in ("loglik", "generate")
+        for bs in (1, args.batch_size)
+    }
+    # warm-up
+    run_benchmark(lm, bench.limited(2), capture=capture, options=EvalOptions(batch_size=2, max_new_tokens=2), progress=False)
+    qps: dict[tuple[str, int], list[float]] = {k: [] for k in variants}
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = list(variants)
+            rng.shuffle(order)
+            for key in order:
+                out = Path(tmp) / f"{key[0]}-{key[1]}-{r}"
+                t0 = time.perf_counter()
+                result = run_benchmark(lm, bench, capture=capture, options=variants[key], out=out, progress=False)
+                qps[key].append(len(bench.questions) / (time.perf_counter() - t0))
+                print(f"  round {r}: {key[0]:<8} batch {key[1]:>3}: {qps[key][-1]:.2f} q/s, accuracy {result.accuracy:.3f}", flush=True)
+    print(f"{len(bench.questions)} questions, model {lm.display_name}, capture every layer (last token), {args.few_shot}-shot")
+    print(f"{'mode':<9} {'one at a time':>14} {'batched':>10} {'ratio':>7}")
+    for mode in ("loglik", "generate"):
+        one = statistics.median(qps[(mode, 1)])
+        many = statistics.median(qps[(mode, args.batch_size)])
+        print(f"{mode:<9} {one:>10.2f} q/s {many:>6.2f} q/s {many / one:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
