@@ -352,3 +352,46 @@ def test_default_model_on_mmlu(default_lm, mode, tmp_path):
     assert data["activations"]["layer_29"].shape == (576,)
     if mode == "generate":
         assert all(r["response"] for r in result.records)
+
+
+@pytest.mark.parametrize("selection", ["all", "last"])
+def test_shared_prefix_cache_equals_plain_path(tiny_lm, selection):
+    from actcap.bench.prompts import build_prompt
+    from actcap.bench.scoring import answer_loglik
+    from actcap.capture import resolve_sites
+
+    bench = load_benchmark(f"mmlu:{MMLU_FILE}").limited(5)
+    qs = bench.questions
+    prompts = [build_prompt(tiny_lm.tokenizer, q, bench.shots_for(q, 3), "loglik") for q in qs]
+    spec = CaptureSpec(layers=["embeddings", 0, -1], token_selection=selection)
+    sites = resolve_sites(tiny_lm.model, tiny_lm.layout, spec.layers)
+    plain = answer_loglik(tiny_lm, qs, prompts, spec, sites, 5, prefix_cache=False)
+    cached = answer_loglik(tiny_lm, qs, prompts, spec, sites, 5, prefix_cache=True)
+    for p, c in zip(plain, cached, strict=True):
+        assert c.response == p.response
+        assert c.choice_logprobs == pytest.approx(p.choice_logprobs, abs=1e-4)
+        assert torch.equal(c.input_ids, p.input_ids)
+        for name in p.activations:
+            assert c.activations[name].shape == p.activations[name].shape
+            torch.testing.assert_close(
+                c.activations[name], p.activations[name], atol=1e-4, rtol=1e-4
+            )
+
+
+def test_prefix_cache_is_used_for_few_shot(tiny_lm, monkeypatch):
+    from actcap.bench import scoring
+
+    calls = []
+    real = scoring._loglik_shared_prefix
+    monkeypatch.setattr(
+        scoring, "_loglik_shared_prefix", lambda *a: calls.append(r := real(*a)) or r
+    )
+    bench = load_benchmark(f"mmlu:{MMLU_FILE}").limited(4)
+    run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(layers=[0]),
+        options=EvalOptions(few_shot=3, batch_size=4),
+        progress=False,
+    )
+    assert calls and calls[0] is not None

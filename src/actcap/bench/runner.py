@@ -53,7 +53,10 @@ class EvalOptions:
     limit: int | None = None
     """Answer only the first N questions."""
     sort_by_length: bool = True
-    """Batch questions of similar length together (less padding; results are unchanged)."""
+    """Batch questions of one category and similar length together (less padding, shared
+    few-shot prefixes; results are unchanged)."""
+    prefix_cache: bool = True
+    """In log-likelihood mode, run a batch's shared prompt prefix once and reuse its KV cache."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready view for ``run.json``."""
@@ -206,7 +209,7 @@ def run_benchmark(
         for mode in ("loglik", "generate"):
             group = [q for q, m in plan if m == mode]
             if options.sort_by_length:
-                group.sort(key=lambda q: len(prompts[q.id]), reverse=True)
+                group.sort(key=lambda q: (q.category, -len(prompts[q.id])))
             for start in range(0, len(group), options.batch_size):
                 batch = group[start : start + options.batch_size]
                 texts = [prompts[q.id] for q in batch]

@@ -21,9 +21,10 @@ from actcap.capture.collect import (
     forward_kwargs,
     make_recorder,
     run_prompts,
+    select_tokens,
     split_samples,
 )
-from actcap.capture.hooks import recording
+from actcap.capture.hooks import Recorder, recording
 from actcap.capture.sites import Site
 from actcap.capture.spec import CaptureSpec
 from actcap.models.loading import LoadedModel
@@ -69,9 +70,9 @@ def _single_token_ids(lm: LoadedModel, texts: Sequence[str]) -> list[int] | None
     return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
 
 
-def _accepts_logits_to_keep(model: object) -> bool:
+def _accepts(model: object, name: str) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
+        return name in inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return False
 
@@ -85,51 +86,189 @@ def answer_loglik(
     sites: Sequence[Site],
     batch_size: int,
     choice_format: ChoiceFormat = "letter",
+    prefix_cache: bool = True,
 ) -> list[Answer]:
     """Score each choice's log-likelihood after the prompt and pick the most likely.
 
     With ``letter`` (the usual MMLU scoring) the continuations are `` A``, `` B``, ...: one token
     each, so one forward pass per batch, reading logits at the last position only. With ``text``,
     or letters that are not single tokens, each choice's text is scored as a continuation.
+
+    With ``prefix_cache``, a batch whose prompts share a long token prefix (the few-shot examples
+    of one subject) runs that prefix once and only each question's own tokens after it, reusing
+    the prefix's key-value cache. Results and activations equal the plain path's.
     """
     answers: list[Answer] = []
-    recorder = make_recorder(lm, spec, sites, generating=False)
-    keep_last = _accepts_logits_to_keep(lm.model)
-    with recording(lm.model, recorder):
-        for start in range(0, len(prompts), batch_size):
-            qs = list(questions[start : start + batch_size])
-            ps = list(prompts[start : start + batch_size])
-            recorder.reset()
-            recorder.batch_size = len(ps)
-            batch = encode(lm, ps)
-            letter_ids = None
-            if choice_format == "letter":
-                n_choices = max(len(q.choices or ()) for q in qs)
-                letter_ids = _single_token_ids(lm, [f" {LETTERS[i]}" for i in range(n_choices)])
-            if letter_ids is not None:
-                kwargs = forward_kwargs(lm.model, batch)
-                if keep_last:
-                    kwargs["logits_to_keep"] = 1
-                logits = lm.model(**kwargs).logits[:, -1, :].float()  # (batch, vocab)
-                logprobs = torch.log_softmax(logits, dim=-1).cpu()
-                scores = [
-                    [float(logprobs[i, letter_ids[j]]) for j in range(len(q.choices or ()))]
-                    for i, q in enumerate(qs)
-                ]
-            else:
-                base = getattr(lm.model, "base_model", lm.model)
-                base(**forward_kwargs(base, batch))
-                scores = [
-                    _score_texts(lm, p, q, choice_format, batch_size)
-                    for p, q in zip(ps, qs, strict=True)
-                ]
-            recorder.synchronize()
-            per_sample = split_samples(recorder, batch["attention_mask"], spec)
-            for i, (p, s) in enumerate(zip(ps, scores, strict=True)):
-                chosen = max(range(len(s)), key=s.__getitem__)
-                ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].cpu()
-                answers.append(Answer(p, LETTERS[chosen], ids, per_sample[i], None, s))
+    for start in range(0, len(prompts), batch_size):
+        qs = list(questions[start : start + batch_size])
+        ps = list(prompts[start : start + batch_size])
+        letter_ids = None
+        if choice_format == "letter":
+            n_choices = max(len(q.choices or ()) for q in qs)
+            letter_ids = _single_token_ids(lm, [f" {LETTERS[i]}" for i in range(n_choices)])
+        cached = (
+            _loglik_shared_prefix(lm, qs, ps, spec, sites, letter_ids)
+            if prefix_cache and letter_ids
+            else None
+        )
+        answers.extend(
+            cached
+            if cached is not None
+            else _loglik_batch(lm, qs, ps, spec, sites, letter_ids, choice_format, batch_size)
+        )
     return answers
+
+
+def _answers(
+    ps: Sequence[str],
+    scores: Sequence[list[float]],
+    ids: Sequence[Tensor],
+    acts: Sequence[dict[str, Tensor]],
+) -> list[Answer]:
+    out = []
+    for p, s, i, a in zip(ps, scores, ids, acts, strict=True):
+        chosen = max(range(len(s)), key=s.__getitem__)
+        out.append(Answer(p, LETTERS[chosen], i, a, None, s))
+    return out
+
+
+def _loglik_batch(
+    lm: LoadedModel,
+    qs: list[Question],
+    ps: list[str],
+    spec: CaptureSpec,
+    sites: Sequence[Site],
+    letter_ids: list[int] | None,
+    choice_format: ChoiceFormat,
+    batch_size: int,
+) -> list[Answer]:
+    recorder = make_recorder(lm, spec, sites, generating=False)
+    recorder.batch_size = len(ps)
+    with recording(lm.model, recorder):
+        batch = encode(lm, ps)
+        if letter_ids is not None:
+            kwargs = forward_kwargs(lm.model, batch)
+            if _accepts(lm.model, "logits_to_keep"):
+                kwargs["logits_to_keep"] = 1
+            logits = lm.model(**kwargs).logits[:, -1, :].float()  # (batch, vocab)
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            scores = [
+                [float(logprobs[i, letter_ids[j]]) for j in range(len(q.choices or ()))]
+                for i, q in enumerate(qs)
+            ]
+        else:
+            base = getattr(lm.model, "base_model", lm.model)
+            base(**forward_kwargs(base, batch))
+            scores = [
+                _score_texts(lm, p, q, choice_format, batch_size)
+                for p, q in zip(ps, qs, strict=True)
+            ]
+        recorder.synchronize()
+    acts = split_samples(recorder, batch["attention_mask"], spec)
+    ids = [batch["input_ids"][i][batch["attention_mask"][i].bool()].cpu() for i in range(len(ps))]
+    return _answers(ps, scores, ids, acts)
+
+
+MIN_SHARED_PREFIX = 32
+"""Shorter shared prefixes are not worth a separate pass."""
+
+
+def _loglik_shared_prefix(
+    lm: LoadedModel,
+    qs: list[Question],
+    ps: list[str],
+    spec: CaptureSpec,
+    sites: Sequence[Site],
+    letter_ids: list[int],
+) -> list[Answer] | None:
+    """The letter scoring of :func:`answer_loglik` with the batch's common prefix run once.
+
+    Returns None when the prompts share too short a prefix (the caller takes the plain path).
+    """
+    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    rows = [lm.tokenizer.encode(p, add_special_tokens=add_special) for p in ps]
+    n_prefix = _common_prefix_length(rows)
+    n_prefix = min(n_prefix, min(len(r) for r in rows) - 1)  # every question keeps a token
+    if len(ps) < 2 or n_prefix < MIN_SHARED_PREFIX:
+        return None
+    from transformers import DynamicCache
+
+    device = lm.device
+    base = getattr(lm.model, "base_model", lm.model)
+    # Keep every chunk: (1, prefix, hidden) once, then (batch, suffix, hidden), right padded.
+    recorder = Recorder(sites, dtype=spec.torch_dtype, device=spec.offload_device, max_steps=2)
+    suffixes = [r[n_prefix:] for r in rows]
+    width = max(len(s) for s in suffixes)
+    pad = lm.tokenizer.pad_token_id or 0
+    suffix_ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=device)
+    suffix_mask = torch.tensor(
+        [[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device
+    )
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    with recording(lm.model, recorder):
+        recorder.batch_size = 1
+        prefix = torch.tensor([rows[0][:n_prefix]], device=device)
+        cache = DynamicCache(config=lm.model.config)
+        # transformers 5.x renames past_key_values to cache; older releases know only the former.
+        key = "cache" if _accepts(base, "cache") else "past_key_values"
+        base(
+            input_ids=prefix,
+            use_cache=True,
+            position_ids=torch.arange(n_prefix, device=device)[None],
+            **{key: cache},
+        )
+        cache.batch_repeat_interleave(len(ps))
+        recorder.batch_size = len(ps)
+        mask = torch.cat(
+            [torch.ones(len(ps), n_prefix, dtype=suffix_mask.dtype, device=device), suffix_mask],
+            dim=1,
+        )
+        positions = (n_prefix + torch.arange(width, device=device)).expand(len(ps), -1)
+        out = base(
+            input_ids=suffix_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{key: cache},
+        )
+        last = out.last_hidden_state[
+            torch.arange(len(ps), device=device), lengths - 1
+        ]  # (batch, hidden)
+        logits = _head(lm, last)  # (batch, vocab)
+        recorder.synchronize()
+    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    scores = [
+        [float(logprobs[i, letter_ids[j]]) for j in range(len(q.choices or ()))]
+        for i, q in enumerate(qs)
+    ]
+    acts: list[dict[str, Tensor]] = [{} for _ in ps]
+    for name, chunks in recorder.chunks.items():
+        shared, tail = chunks[0][0], chunks[1]  # (prefix, hidden), (batch, suffix, hidden)
+        for i, s in enumerate(suffixes):
+            acts[i][name] = select_tokens(
+                torch.cat([shared, tail[i, : len(s)]]), spec.token_selection
+            )
+    ids = [torch.tensor(r) for r in rows]
+    return _answers(ps, scores, ids, acts)
+
+
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for j in range(n):
+        if any(r[j] != first[j] for r in rows[1:]):
+            return j
+    return n
+
+
+def _head(lm: LoadedModel, hidden: Tensor) -> Tensor:
+    """The model's output head on final hidden states (with Gemma-2-style logit soft-capping)."""
+    head = lm.model.get_output_embeddings()  # type: ignore[operator]
+    logits: Tensor = head(hidden)
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def _score_texts(

@@ -65,13 +65,17 @@ def default_gguf_path() -> Path:
 def converted_dir_for(gguf: Path) -> Path:
     """Return the cache folder that holds (or will hold) the conversion of ``gguf``.
 
-    The key covers the file's absolute path, size and modification time, so a changed file is
-    converted again.
+    The key is the file's name, size and a hash of its first and last megabyte: the same file
+    installed in two virtual environments shares one conversion, and a changed file gets a new
+    one, without hashing the whole file on every load.
     """
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{gguf.name}:{size}:".encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
 
 
 def is_converted(folder: Path) -> bool:
