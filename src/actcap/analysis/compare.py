@@ -1,0 +1,138 @@
+"""Comparisons: two files site by site, all samples of a run for one site, correct against incorrect."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actcap.analysis.vectors import (
+    Reduce,
+    SampleVectors,
+    cosine_matrix,
+    load_vectors,
+    reduce_tokens,
+)
+from actcap.errors import ActcapError
+from actcap.storage.files import ActivationFile, site_sort_key
+
+
+@dataclass(frozen=True)
+class SiteComparison:
+    """Cosine similarities of one site between two files."""
+
+    site: str
+    """Site name."""
+    last_token: float
+    """Cosine of the last tokens' vectors."""
+    mean_tokens: float
+    """Cosine of the mean vectors over tokens."""
+    per_token: list[float] | None
+    """Token by token, when both files hold the same tokens (``None`` otherwise)."""
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1))
+
+
+def compare_files(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[SiteComparison]:
+    """Per-site cosine similarity between two activation files (the sites they share)."""
+    out = []
+    with ActivationFile(a) as fa, ActivationFile(b) as fb:
+        same_tokens = (
+            "input_ids" in fa.names
+            and "input_ids" in fb.names
+            and torch.equal(fa.get("input_ids"), fb.get("input_ids"))
+        )
+        for site in sorted(set(fa.sites) & set(fb.sites), key=site_sort_key):
+            x, y = fa.get(site), fb.get(site)
+            per_token = None
+            if same_tokens and x.dim() == 2 and x.shape == y.shape:
+                per_token = torch.nn.functional.cosine_similarity(
+                    x.float(), y.float(), dim=-1
+                ).tolist()
+            out.append(
+                SiteComparison(
+                    site,
+                    _cos(reduce_tokens(x, "last"), reduce_tokens(y, "last")),
+                    _cos(reduce_tokens(x, "mean"), reduce_tokens(y, "mean")),
+                    per_token,
+                )
+            )
+    if not out:
+        raise ActcapError(f"{a} and {b} share no site to compare.")
+    return out
+
+
+@dataclass(frozen=True)
+class SimilarityMatrix:
+    """Cosine similarity between every pair of samples for one site."""
+
+    site: str
+    """Site name."""
+    ids: list[str]
+    """Sample ids (rows and columns)."""
+    matrix: np.ndarray
+    """``(samples, samples)``."""
+    correct: list[bool | None]
+    """Each sample's grade."""
+
+
+def similarity_matrix(
+    directory: str | os.PathLike[str],
+    site: str,
+    how: Reduce = "last",
+    vectors: SampleVectors | None = None,
+) -> SimilarityMatrix:
+    """The cross-sample cosine similarity of one site's (last-token or mean) vectors."""
+    vecs = vectors or load_vectors(directory, [site], how)
+    return SimilarityMatrix(
+        site,
+        [s.id for s in vecs.samples],
+        cosine_matrix(vecs.vectors[site]),
+        [s.correct for s in vecs.samples],
+    )
+
+
+@dataclass(frozen=True)
+class MeanDifference:
+    """Difference of mean activations, correct minus incorrect, for one site."""
+
+    site: str
+    """Site name."""
+    norm: float
+    """L2 norm of the difference."""
+    n_correct: int
+    """Correct samples."""
+    n_incorrect: int
+    """Incorrect samples."""
+
+
+def mean_difference_by_layer(
+    directory: str | os.PathLike[str], how: Reduce = "last", vectors: SampleVectors | None = None
+) -> list[MeanDifference]:
+    """Norm of mean(correct) - mean(incorrect) per site (graded samples only).
+
+    Raises:
+        ActcapError: When the run lacks correct or incorrect samples.
+    """
+    vecs = vectors or load_vectors(directory, None, how)
+    grades = np.array([s.correct for s in vecs.samples], dtype=object)
+    good, bad = grades == True, grades == False  # noqa: E712 - object array, None stays out
+    if not good.any() or not bad.any():
+        raise ActcapError(
+            f"{directory}: needs both correct and incorrect graded samples (has {int(good.sum())} correct, {int(bad.sum())} incorrect)."
+        )
+    return [
+        MeanDifference(
+            site,
+            float(
+                np.linalg.norm(vecs.vectors[site][good].mean(0) - vecs.vectors[site][bad].mean(0))
+            ),
+            int(good.sum()),
+            int(bad.sum()),
+        )
+        for site in vecs.sites
+    ]

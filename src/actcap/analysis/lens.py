@@ -1,0 +1,79 @@
+"""Logit lens: each layer's residual stream read through the model's final norm and unembedding."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actcap.errors import ActcapError
+from actcap.storage.files import ActivationFile
+
+
+@dataclass(frozen=True)
+class LensRow:
+    """The top-k tokens one site's residual predicts at one position."""
+
+    site: str
+    """Site name."""
+    tokens: list[str]
+    """Top-k tokens, most likely first."""
+    probs: list[float]
+    """Their probabilities."""
+
+
+@torch.inference_mode()
+def logit_lens(
+    path: str | os.PathLike[str], model: Any = None, token: int = -1, k: int = 5
+) -> list[LensRow]:
+    """Decode each residual-stream site of a file at one token position.
+
+    Args:
+        path: An activation file with ``embeddings``/``layer_<i>`` sites.
+        model: A loaded model, a model spec, or None for the model named in the file
+            (``"SmolLM2-135M-Instruct"`` means the built-in default).
+        token: Position (for ``[tokens, hidden]`` sites); ignored for reduced files.
+        k: Tokens per site.
+
+    Raises:
+        ActcapError: When the file holds no residual-stream site or the model does not fit it.
+    """
+    from actcap.models.builtin import DEFAULT_MODEL_NAME
+    from actcap.models.loading import LoadedModel, load_model
+
+    with ActivationFile(path) as f:
+        sites = [
+            s for s in f.sites if s == "embeddings" or (s.startswith("layer_") and "." not in s)
+        ]
+        if not sites:
+            raise ActcapError(f"{path}: no embeddings or layer_<i> site to read through the lens.")
+        if model is None:
+            model = "default" if f.meta.model in ("", DEFAULT_MODEL_NAME) else f.meta.model
+        lm = model if isinstance(model, LoadedModel) else load_model(model)
+        if lm.layout.final_norm_path is None:
+            raise ActcapError(
+                "This model has no final norm module, so the logit lens is not defined for it."
+            )
+        norm = dict(lm.model.named_modules())[lm.layout.final_norm_path]
+        head: Any = lm.model.get_output_embeddings()  # type: ignore[operator]
+        rows = []
+        for site in sites:
+            t = f.get(site)
+            vec = t[token] if t.dim() == 2 else t
+            if vec.shape[-1] != head.weight.shape[1]:
+                raise ActcapError(
+                    f"{path}: site {site} has hidden size {vec.shape[-1]}, the model {head.weight.shape[1]}; pass the model the file was made with."
+                )
+            h = vec.to(head.weight.device, head.weight.dtype)[None, None]
+            probs = torch.softmax(head(norm(h))[0, 0].float(), dim=-1)
+            top = probs.topk(k)
+            rows.append(
+                LensRow(
+                    site,
+                    [lm.tokenizer.decode([i]) for i in top.indices.tolist()],
+                    top.values.tolist(),
+                )
+            )
+    return rows

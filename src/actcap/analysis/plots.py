@@ -1,0 +1,267 @@
+"""Pictures of stored activations (matplotlib, headless). Needs the ``plot`` extra.
+
+Every function writes one PNG and returns a :class:`Figure` with the path and the numbers plotted,
+so a caller (or a test) can check that the picture shows the data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actcap.analysis.compare import MeanDifference, SimilarityMatrix
+from actcap.analysis.probes import ProbeResult
+from actcap.analysis.stats import as_tokens
+from actcap.errors import require
+from actcap.storage.files import ActivationFile, site_sort_key
+
+DPI = 100
+SIZE = (8.0, 5.0)
+"""Figure size in inches: 800 x 500 pixels at ``DPI``."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A written picture and the numbers it shows."""
+
+    path: Path
+    """The PNG."""
+    title: str
+    """Its title."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """What was plotted (arrays and labels)."""
+
+
+def _pyplot() -> Any:
+    require("matplotlib", "plot", "Plotting")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike[str], title: str, data: dict[str, Any]) -> Figure:
+    plt = _pyplot()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return Figure(out, title, data)
+
+
+def residual_sites(sites: Sequence[str]) -> list[str]:
+    """``embeddings`` and ``layer_<i>`` sites, in network order."""
+    return sorted(
+        (s for s in sites if s == "embeddings" or (s.startswith("layer_") and "." not in s)),
+        key=site_sort_key,
+    )
+
+
+def histogram(
+    file: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    sites: Sequence[str] | None = None,
+    bins: int = 80,
+) -> Figure:
+    """Histogram of activation values for a few sites of one sample (log count axis)."""
+    plt = _pyplot()
+    with ActivationFile(file) as f:
+        chosen = list(sites) if sites else _spread(residual_sites(f.sites) or f.sites, 4)
+        values = {s: as_tokens(f.get(s)).flatten().numpy() for s in chosen}
+    fig, ax = plt.subplots(figsize=SIZE)
+    lo = min(float(v.min()) for v in values.values())
+    hi = max(float(v.max()) for v in values.values())
+    edges = np.linspace(lo, hi, bins + 1)
+    counts = {}
+    for s, v in values.items():
+        counts[s], _ = np.histogram(v, bins=edges)
+        ax.hist(v, bins=edges, histtype="step", linewidth=1.5, label=s)
+    ax.set_yscale("log")
+    ax.set_xlabel("activation value")
+    ax.set_ylabel("count (log scale)")
+    ax.legend()
+    return _save(
+        fig, out, f"Activation values of {Path(file).stem}", {"edges": edges, "counts": counts}
+    )
+
+
+def _spread(items: Sequence[str], n: int) -> list[str]:
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def token_layer_norms(
+    file: str | os.PathLike[str], out: str | os.PathLike[str], tokenizer: Any = None
+) -> Figure:
+    """Heatmap of the L2 norm of each token's residual vector at each layer of one sample."""
+    plt = _pyplot()
+    with ActivationFile(file) as f:
+        sites = [s for s in residual_sites(f.sites) if len(f.shape(s)) == 2]
+        if not sites:
+            raise ValueError(
+                f"{file}: no [tokens, hidden] residual sites (token selection 'all' is needed)."
+            )
+        norms = np.stack(
+            [as_tokens(f.get(s)).norm(dim=-1).numpy() for s in sites]
+        )  # (sites, tokens)
+        ids = f.get("input_ids").tolist() if "input_ids" in f.names else []
+    fig, ax = plt.subplots(figsize=SIZE)
+    im = ax.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="L2 norm")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("site")
+    ax.set_yticks(range(len(sites)), _spread_labels(sites))
+    if tokenizer is not None and ids and len(ids) == norms.shape[1] and len(ids) <= 40:
+        ax.set_xticks(
+            range(len(ids)), [tokenizer.decode([i]) for i in ids], rotation=90, fontsize=7
+        )
+    return _save(
+        fig,
+        out,
+        f"Residual norm by token and layer: {Path(file).stem}",
+        {"norms": norms, "sites": sites},
+    )
+
+
+def _spread_labels(sites: Sequence[str]) -> list[str]:
+    step = max(1, len(sites) // 16)
+    return [s if i % step == 0 else "" for i, s in enumerate(sites)]
+
+
+def similarity_heatmap(sim: SimilarityMatrix, out: str | os.PathLike[str]) -> Figure:
+    """Heatmap of the cross-sample cosine similarity of one site, samples grouped by grade."""
+    plt = _pyplot()
+    order = sorted(range(len(sim.ids)), key=lambda i: (sim.correct[i] is not True, sim.ids[i]))
+    m = sim.matrix[np.ix_(order, order)]
+    fig, ax = plt.subplots(figsize=(7.0, 6.0))
+    im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    n_correct = sum(1 for c in sim.correct if c is True)
+    if 0 < n_correct < len(order):
+        ax.axhline(n_correct - 0.5, color="k", linewidth=1)
+        ax.axvline(n_correct - 0.5, color="k", linewidth=1)
+    ax.set_xlabel("sample (correct first)")
+    ax.set_ylabel("sample (correct first)")
+    return _save(
+        fig,
+        out,
+        f"Cosine similarity between samples at {sim.site}",
+        {"matrix": m, "ids": [sim.ids[i] for i in order]},
+    )
+
+
+def line_by_layer(
+    sites: Sequence[str],
+    values: Sequence[float],
+    out: str | os.PathLike[str],
+    title: str,
+    ylabel: str,
+    baseline: float | None = None,
+    errors: Sequence[float] | None = None,
+) -> Figure:
+    """A value per site drawn as a line over depth."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZE)
+    x = np.arange(len(sites))
+    ax.errorbar(
+        x, values, yerr=errors, marker="o", capsize=3 if errors is not None else 0, label=ylabel
+    )
+    if baseline is not None:
+        ax.axhline(
+            baseline, color="grey", linestyle="--", label=f"majority baseline ({baseline:.2f})"
+        )
+    ax.set_xticks(x, _spread_labels(sites), rotation=45, ha="right")
+    ax.set_xlabel("site (depth)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(
+        fig, out, title, {"sites": list(sites), "values": list(values), "baseline": baseline}
+    )
+
+
+def norm_by_layer(mean_norms: dict[str, float], out: str | os.PathLike[str]) -> Figure:
+    """Mean L2 norm of the residual stream by layer."""
+    sites = residual_sites(list(mean_norms)) or sorted(mean_norms, key=site_sort_key)
+    return line_by_layer(
+        sites,
+        [mean_norms[s] for s in sites],
+        out,
+        "Mean residual norm by layer",
+        "mean L2 norm per token",
+    )
+
+
+def probe_curve(
+    results: Sequence[ProbeResult], out: str | os.PathLike[str], target: str = "correct"
+) -> Figure:
+    """Probe accuracy by layer with its spread over folds and the majority baseline."""
+    ordered = sorted(results, key=lambda r: site_sort_key(r.site))
+    return line_by_layer(
+        [r.site for r in ordered],
+        [r.accuracy for r in ordered],
+        out,
+        f"Linear probe accuracy for {target!r} by layer",
+        "cross-validated accuracy",
+        ordered[0].baseline if ordered else None,
+        [r.std for r in ordered],
+    )
+
+
+def mean_difference_curve(diffs: Sequence[MeanDifference], out: str | os.PathLike[str]) -> Figure:
+    """Norm of mean(correct) - mean(incorrect) by layer."""
+    return line_by_layer(
+        [d.site for d in diffs],
+        [d.norm for d in diffs],
+        out,
+        "Correct minus incorrect: norm of the mean difference",
+        "L2 norm",
+    )
+
+
+def pca_scatter(
+    x: np.ndarray, correct: Sequence[bool | None], site: str, out: str | os.PathLike[str]
+) -> Figure:
+    """2-D PCA of one site's vectors, coloured by correctness."""
+    plt = _pyplot()
+    centred = x - x.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    coords = centred @ vt[:2].T
+    explained = (s[:2] ** 2) / max(float((s**2).sum()), 1e-12)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for label, colour, want in (
+        ("correct", "tab:green", True),
+        ("incorrect", "tab:red", False),
+        ("ungraded", "tab:grey", None),
+    ):
+        idx = [i for i, c in enumerate(correct) if c is want]
+        if idx:
+            ax.scatter(
+                coords[idx, 0],
+                coords[idx, 1],
+                c=colour,
+                label=f"{label} ({len(idx)})",
+                alpha=0.8,
+                edgecolors="none",
+            )
+    ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)" if len(explained) > 1 else "PC 2")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(
+        fig,
+        out,
+        f"PCA of {site}, coloured by correctness",
+        {"coords": coords, "explained": explained},
+    )

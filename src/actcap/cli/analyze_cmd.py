@@ -1,0 +1,192 @@
+"""``actcap analyze | plot | probe | report | lens``: numbers and pictures from stored activations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from actcap.cli.common import reports_errors
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def print_stats(rows: list[Any]) -> None:
+    """A per-site table of statistics."""
+    width = max([len(r.site) for r in rows] + [4])
+    click.echo(
+        f"{'site'.ljust(width)}  {'shape':<14} {'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'norm/tok':>10} {'zeros':>7}"
+    )
+    for r in rows:
+        click.echo(
+            f"{r.site.ljust(width)}  {str(list(r.shape)):<14} {_fmt(r.mean):>10} {_fmt(r.std):>10} {_fmt(r.min):>10} "
+            f"{_fmt(r.max):>10} {_fmt(r.mean_norm):>10} {r.frac_zero:>7.2%}"
+        )
+
+
+def parse_tokens(text: str | None) -> slice | None:
+    """``--tokens -5:`` into a slice."""
+    if not text:
+        return None
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        i = int(text)
+        return slice(i, i + 1 if i != -1 else None)
+    return slice(int(lo) if lo else None, int(hi) if hi else None)
+
+
+@click.command("analyze")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(dir_okay=False),
+    help="One activation file: per-site statistics.",
+)
+@click.option(
+    "--directory",
+    type=click.Path(file_okay=False),
+    help="A run directory or folder of files: summary across samples.",
+)
+@click.option(
+    "--compare",
+    nargs=2,
+    type=click.Path(dir_okay=False),
+    help="Two files: per-site cosine similarity.",
+)
+@click.option("--sites", default=None, help="Only these sites, comma-separated.")
+@click.option("--tokens", default=None, help="Token range for --file, e.g. '-5:' or '0:10'.")
+@reports_errors
+def analyze(
+    file: str | None,
+    directory: str | None,
+    compare: tuple[str, str] | None,
+    sites: str | None,
+    tokens: str | None,
+) -> None:
+    """Statistics of one file, a summary of a directory, or a comparison of two files."""
+    from actcap.analysis import compare_files, directory_summary, file_stats
+
+    chosen = [s.strip() for s in sites.split(",")] if sites else None
+    if sum(bool(x) for x in (file, directory, compare)) != 1:
+        raise click.UsageError("Give exactly one of --file, --directory or --compare.")
+    if file:
+        print_stats(file_stats(file, chosen, parse_tokens(tokens)))
+    elif directory:
+        s = directory_summary(directory, chosen)
+        click.echo(f"{directory}: {s.n_files} files read, {len(s.skipped)} skipped")
+        for path, why in s.skipped.files[:10]:
+            click.echo(f"  skipped {path}: {why}")
+        if s.accuracy is not None:
+            click.echo(
+                f"graded {s.n_graded}: accuracy {s.accuracy:.3f} ({s.n_correct}/{s.n_graded})"
+            )
+        print_stats(s.sites)
+        for label, rows in s.by_correct.items():
+            click.echo(f"\n{label} samples:")
+            print_stats(rows)
+    else:
+        assert compare is not None
+        comparisons = compare_files(*compare)
+        width = max(len(r.site) for r in comparisons)
+        click.echo(
+            f"{'site'.ljust(width)}  {'last token':>10} {'mean':>8} {'per token (min/mean)':>22}"
+        )
+        for r in comparisons:
+            per = (
+                f"{min(r.per_token):.3f}/{sum(r.per_token) / len(r.per_token):.3f}"
+                if r.per_token
+                else "tokens differ"
+            )
+            click.echo(
+                f"{r.site.ljust(width)}  {r.last_token:>10.4f} {r.mean_tokens:>8.4f} {per:>22}"
+            )
+
+
+@click.command("plot")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", default="plots", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--site",
+    default=None,
+    help="Site for the similarity and PCA pictures (middle layer by default).",
+)
+@click.option(
+    "--target", default="correct", show_default=True, help="Probe target for the probe curve."
+)
+@reports_errors
+def plot(directory: str, out: str, site: str | None, target: str) -> None:
+    """Write PNG pictures of a run: histograms, heatmaps, norms, probes, PCA."""
+    from actcap.analysis import make_figures
+
+    figs = make_figures(directory, out, site, target)
+    for f in figs.figures:
+        click.echo(f"{f.path}  {f.title}")
+    for note in figs.notes:
+        click.echo(f"not drawn: {note}")
+    if figs.skipped_files:
+        click.echo(f"{figs.skipped_files} unreadable file(s) skipped")
+
+
+@click.command("probe")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--target",
+    default="correct",
+    show_default=True,
+    help="correct, category, or any manifest / metadata field.",
+)
+@click.option("--sites", default=None, help="Only these sites, comma-separated.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2))
+@click.option(
+    "--reduce", "how", default="last", show_default=True, type=click.Choice(["last", "mean"])
+)
+@reports_errors
+def probe(directory: str, target: str, sites: str | None, folds: int, how: str) -> None:
+    """Per-layer logistic-regression probe accuracy, cross-validated, against the majority baseline."""
+    from actcap.analysis import probe_layers
+
+    chosen = [s.strip() for s in sites.split(",")] if sites else None
+    results = probe_layers(directory, target, chosen, how, folds)  # type: ignore[arg-type]
+    first = results[0]
+    click.echo(
+        f"probe for {target!r}: {first.n} samples, {first.folds}-fold, majority baseline {first.baseline:.3f}"
+    )
+    for r in results:
+        bar = "#" * round(r.accuracy * 40)
+        click.echo(f"  {r.site:<14} {r.accuracy:.3f} ± {r.std:.3f}  {bar}")
+
+
+@click.command("report")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "-o", "--out", default="report.html", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option("--site", default=None)
+@click.option("--target", default="correct", show_default=True)
+@reports_errors
+def report(directory: str, out: str, site: str | None, target: str) -> None:
+    """Write one self-contained HTML page about a run."""
+    from actcap.analysis import build_report
+
+    click.echo(f"wrote {build_report(directory, out, site, target)}")
+
+
+@click.command("lens")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--model", default=None, help="The model the file was made with (default: the one it names)."
+)
+@click.option("--token", default=-1, show_default=True, type=int, help="Token position.")
+@click.option("-k", default=5, show_default=True, type=click.IntRange(min=1))
+@reports_errors
+def lens(file: str, model: str | None, token: int, k: int) -> None:
+    """Logit lens: each layer's residual at one token through the final norm and unembedding."""
+    from actcap.analysis import logit_lens
+
+    for row in logit_lens(file, model, token, k):
+        click.echo(
+            f"{row.site:<12} "
+            + "  ".join(f"{t!r} {p:.2f}" for t, p in zip(row.tokens, row.probs, strict=True))
+        )
