@@ -33,7 +33,14 @@ MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
 def run_dir(tiny_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "run"
     bench = load_benchmark(f"mmlu:{MMLU}").limited(24)
-    run_benchmark(tiny_lm, bench, capture=CaptureSpec(layers=None), options=EvalOptions(batch_size=8), out=out, progress=False)
+    run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(layers=None),
+        options=EvalOptions(batch_size=8),
+        out=out,
+        progress=False,
+    )
     info = open_run(out)
     grades = [e.correct for e in info.entries]
     assert True in grades and False in grades  # the fixture must have both classes
@@ -67,7 +74,9 @@ def test_directory_summary_streams_and_joins_grades(run_dir, tmp_path):
     assert s.n_correct == sum(bool(e.correct) for e in info.entries)
     assert [x.site for x in s.sites] == ["embeddings", "layer_0", "layer_1", "layer_2"]
     # aggregated mean equals the mean over all tokens of all files
-    all_vals = torch.cat([load_activations(p)["activations"]["layer_0"].flatten() for _, p in info.sample_paths()])
+    all_vals = torch.cat(
+        [load_activations(p)["activations"]["layer_0"].flatten() for _, p in info.sample_paths()]
+    )
     assert s.sites[1].mean == pytest.approx(float(all_vals.mean()), rel=1e-4)
     assert set(s.by_correct) == {"correct", "incorrect"}
 
@@ -83,7 +92,11 @@ def test_corrupt_and_foreign_files_are_skipped_and_counted(run_dir, tmp_path):
     (folder / "cut.safetensors").write_bytes(good[: len(good) // 2])
     s = directory_summary(folder)
     assert s.n_files == 3 and len(s.skipped) == 3
-    assert {p.rsplit("/", 1)[-1] for p, _ in s.skipped.files} == {"text.safetensors", "empty.safetensors", "cut.safetensors"}
+    assert {p.rsplit("/", 1)[-1] for p, _ in s.skipped.files} == {
+        "text.safetensors",
+        "empty.safetensors",
+        "cut.safetensors",
+    }
     r = CliRunner().invoke(cli, ["analyze", "--directory", str(folder)])
     assert r.exit_code == 0 and "3 files read, 3 skipped" in r.output
 
@@ -96,18 +109,24 @@ def test_compare_files(run_dir, tmp_path):
     cross = {r.site: r for r in compare_files(a, b)}
     xa = load_activations(a)["activations"]["layer_1"][-1]
     xb = load_activations(b)["activations"]["layer_1"][-1]
-    assert cross["layer_1"].last_token == pytest.approx(float(torch.nn.functional.cosine_similarity(xa, xb, dim=0)), abs=1e-5)
+    assert cross["layer_1"].last_token == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(xa, xb, dim=0)), abs=1e-5
+    )
     assert cross["layer_1"].per_token is None  # different questions, different tokens
 
 
 def test_similarity_matrix_and_mean_difference(run_dir):
     sim = similarity_matrix(run_dir, "layer_1")
     assert sim.matrix.shape == (24, 24)
-    assert np.allclose(np.diag(sim.matrix), 1, atol=1e-5) and np.allclose(sim.matrix, sim.matrix.T, atol=1e-6)
+    assert np.allclose(np.diag(sim.matrix), 1, atol=1e-5) and np.allclose(
+        sim.matrix, sim.matrix.T, atol=1e-6
+    )
     vecs = load_vectors(run_dir, ["layer_1"])
     diffs = {d.site: d for d in mean_difference_by_layer(run_dir)}
     good = np.array([s.correct for s in vecs.samples])
-    want = np.linalg.norm(vecs.vectors["layer_1"][good].mean(0) - vecs.vectors["layer_1"][~good].mean(0))
+    want = np.linalg.norm(
+        vecs.vectors["layer_1"][good].mean(0) - vecs.vectors["layer_1"][~good].mean(0)
+    )
     assert diffs["layer_1"].norm == pytest.approx(float(want), rel=1e-5)
 
 
@@ -125,8 +144,15 @@ def test_probe_on_a_planted_signal(tmp_path):
     for i in range(40):
         correct = i % 2 == 0
         l1 = rng.normal(size=16) + (6.0 if correct else 0.0) * np.eye(16)[0]
-        acts = {"layer_0": torch.tensor(rng.normal(size=16), dtype=torch.float32), "layer_1": torch.tensor(l1, dtype=torch.float32)}
-        save_activations(tmp_path / f"s{i:02d}.safetensors", acts, SampleMeta("p", extra={"correct": correct, "category": "x"}))
+        acts = {
+            "layer_0": torch.tensor(rng.normal(size=16), dtype=torch.float32),
+            "layer_1": torch.tensor(l1, dtype=torch.float32),
+        }
+        save_activations(
+            tmp_path / f"s{i:02d}.safetensors",
+            acts,
+            SampleMeta("p", extra={"correct": correct, "category": "x"}),
+        )
     res = {r.site: r for r in probe_layers(tmp_path, "correct")}
     assert res["layer_1"].accuracy > 0.9 and res["layer_0"].accuracy < 0.8
     with pytest.raises(ActcapError, match="one class only"):
@@ -135,7 +161,11 @@ def test_probe_on_a_planted_signal(tmp_path):
 
 def test_probe_too_few_samples(tmp_path):
     for i in range(3):
-        save_activations(tmp_path / f"s{i}.safetensors", {"layer_0": torch.randn(4)}, SampleMeta("p", extra={"correct": i == 0}))
+        save_activations(
+            tmp_path / f"s{i}.safetensors",
+            {"layer_0": torch.randn(4)},
+            SampleMeta("p", extra={"correct": i == 0}),
+        )
     with pytest.raises(ActcapError, match="too few samples"):
         probe_layers(tmp_path)
 
@@ -156,7 +186,15 @@ def test_logit_lens(tiny_lm, run_dir):
 def test_pictures(run_dir, tmp_path):
     figs = make_figures(run_dir, tmp_path / "plots")
     names = {f.path.name for f in figs.figures}
-    assert names == {"histogram.png", "token_layer_norms.png", "norm_by_layer.png", "similarity.png", "pca.png", "mean_difference.png", "probe_accuracy.png"}
+    assert names == {
+        "histogram.png",
+        "token_layer_norms.png",
+        "norm_by_layer.png",
+        "similarity.png",
+        "pca.png",
+        "mean_difference.png",
+        "probe_accuracy.png",
+    }
     sizes = {f.path.name: png_size(f.path) for f in figs.figures}
     assert sizes["histogram.png"] == (800, 500) and sizes["similarity.png"] == (700, 600)
     by_name = {f.path.name: f for f in figs.figures}
@@ -165,10 +203,13 @@ def test_pictures(run_dir, tmp_path):
     acts = load_activations(first)["activations"]
     norms = by_name["token_layer_norms.png"].data["norms"]
     assert np.allclose(norms[1], acts["layer_0"].norm(dim=-1).numpy(), rtol=1e-5)
-    hist = by_name["histogram.png"].data["counts"]
-    assert sum(int(c.sum()) for c in hist.values()) == sum(acts[s].numel() for s in hist)
+    hist = by_name["histogram.png"].data
+    for site, c in hist["counts"].items():
+        assert int(c.sum()) + hist["outside"][site] == acts[site].numel()
     summary = directory_summary(run_dir)
-    assert by_name["norm_by_layer.png"].data["values"] == pytest.approx([s.mean_norm for s in summary.sites])
+    assert by_name["norm_by_layer.png"].data["values"] == pytest.approx(
+        [s.mean_norm for s in summary.sites]
+    )
 
 
 def test_pca_scatter_coordinates(tmp_path):
@@ -207,9 +248,17 @@ def test_analyze_activations_script(run_dir):
     from tests.conftest import REPO
 
     first = list_samples(run_dir)[0].path
-    r = subprocess.run([sys.executable, str(REPO / "analyze_activations.py"), "--file", str(first)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "analyze_activations.py"), "--file", str(first)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "layer_1" in r.stdout
-    r = subprocess.run([sys.executable, str(REPO / "analyze_activations.py"), "--directory", str(run_dir)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "analyze_activations.py"), "--directory", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "accuracy" in r.stdout
 
 

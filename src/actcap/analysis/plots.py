@@ -70,27 +70,41 @@ def histogram(
     file: str | os.PathLike[str],
     out: str | os.PathLike[str],
     sites: Sequence[str] | None = None,
-    bins: int = 80,
+    bins: int = 60,
 ) -> Figure:
-    """Histogram of activation values for a few sites of one sample (log count axis)."""
+    """Histograms of activation values for a few sites of one sample, one panel per site.
+
+    Each panel spans the 0.1-99.9 percentile range of its site (a handful of massive outliers
+    would otherwise squeeze the rest into one bar); the title counts the values outside it.
+    """
     plt = _pyplot()
     with ActivationFile(file) as f:
         chosen = list(sites) if sites else _spread(residual_sites(f.sites) or f.sites, 4)
         values = {s: as_tokens(f.get(s)).flatten().numpy() for s in chosen}
-    fig, ax = plt.subplots(figsize=SIZE)
-    lo = min(float(v.min()) for v in values.values())
-    hi = max(float(v.max()) for v in values.values())
-    edges = np.linspace(lo, hi, bins + 1)
-    counts = {}
-    for s, v in values.items():
+    cols = 2 if len(values) > 1 else 1
+    rows = (len(values) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=SIZE, squeeze=False)
+    counts, outside, edges_by_site = {}, {}, {}
+    for ax, (s, v) in zip(axes.flat, values.items(), strict=False):
+        lo, hi = np.percentile(v, [0.1, 99.9])
+        if hi <= lo:
+            lo, hi = float(v.min()) - 0.5, float(v.max()) + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
         counts[s], _ = np.histogram(v, bins=edges)
-        ax.hist(v, bins=edges, histtype="step", linewidth=1.5, label=s)
-    ax.set_yscale("log")
-    ax.set_xlabel("activation value")
-    ax.set_ylabel("count (log scale)")
-    ax.legend()
+        outside[s] = int(v.size - counts[s].sum())
+        edges_by_site[s] = edges
+        ax.hist(v, bins=edges, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_title(f"{s} ({outside[s]} values outside)", fontsize=9)
+        ax.set_xlabel("activation value")
+        ax.set_ylabel("count (log)")
+    for ax in list(axes.flat)[len(values) :]:
+        ax.axis("off")
     return _save(
-        fig, out, f"Activation values of {Path(file).stem}", {"edges": edges, "counts": counts}
+        fig,
+        out,
+        f"Activation values of {Path(file).stem}",
+        {"edges": edges_by_site, "counts": counts, "outside": outside},
     )
 
 
@@ -116,9 +130,16 @@ def token_layer_norms(
             [as_tokens(f.get(s)).norm(dim=-1).numpy() for s in sites]
         )  # (sites, tokens)
         ids = f.get("input_ids").tolist() if "input_ids" in f.names else []
+    from matplotlib.colors import LogNorm
+
     fig, ax = plt.subplots(figsize=SIZE)
-    im = ax.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="L2 norm")
+    # Log colours: a few "massive activation" tokens (often the first) are 100x the rest.
+    positive = norms[norms > 0]
+    scale = (
+        LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
+    )
+    im = ax.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest", norm=scale)
+    fig.colorbar(im, ax=ax, label="L2 norm (log scale)")
     ax.set_xlabel("token position")
     ax.set_ylabel("site")
     ax.set_yticks(range(len(sites)), _spread_labels(sites))

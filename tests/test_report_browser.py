@@ -1,0 +1,102 @@
+"""The HTML report in a real browser: headless Chromium, driven by Selenium."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from actcap.analysis import build_report
+from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+from actcap.capture import CaptureSpec
+from actcap.storage import open_run
+from tests.conftest import REPO, SHARED_DATA
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (see .ci/run)")
+        pytest.skip(
+            "chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
+        )
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,1600",
+    ):
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_report_renders_and_filters(browser, tiny_lm, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    out = tmp_path / "run"
+    bench = load_benchmark(
+        f"mmlu:{SHARED_DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}"
+    ).limited(16)
+    result = run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(),
+        options=EvalOptions(batch_size=8),
+        out=out,
+        progress=False,
+    )
+    page = build_report(out, tmp_path / "report.html")
+    browser.get(page.resolve().as_uri())
+
+    assert browser.find_element(By.ID, "accuracy").text == f"{result.accuracy:.3f}"
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 6
+    assert all(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+        for img in images
+    )
+
+    def visible_rows():
+        return [
+            r
+            for r in browser.find_elements(By.CSS_SELECTOR, "#samples tbody tr")
+            if r.is_displayed()
+        ]
+
+    assert len(visible_rows()) == 16
+    Select(browser.find_element(By.ID, "grade")).select_by_value("true")
+    assert len(visible_rows()) == result.n_correct
+    Select(browser.find_element(By.ID, "grade")).select_by_value("all")
+    first_id = open_run(out).entries[0].id
+    browser.find_element(By.ID, "filter").send_keys(first_id)
+    rows = visible_rows()
+    assert len(rows) == 1 and first_id in rows[0].text
+    browser.find_element(By.ID, "filter").clear()
+    browser.find_element(By.ID, "filter").send_keys(" ")  # input event after clear
+    browser.find_element(By.CSS_SELECTOR, "#samples th").click()  # sort by id
+    ids = [r.find_element(By.TAG_NAME, "td").text for r in visible_rows()]
+    assert ids == sorted(ids)
+    browser.execute_script("window.scrollTo(0, 0)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "report.png"))
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
