@@ -15,10 +15,10 @@ from actcap.analysis import (
     logit_lens,
     make_figures,
     mean_difference_by_layer,
+    plots,
     probe_layers,
     similarity_matrix,
 )
-from actcap.analysis import plots
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.cli.main import cli
