@@ -274,10 +274,35 @@ def test_default_model_end_to_end_analysis(default_lm, tmp_path):
     """actcap eval on the real model, then every analysis over its run."""
     out = tmp_path / "run"
     runner = CliRunner()
-    r = runner.invoke(cli, ["eval", "--model", "default", "--benchmark", "demo", "--limit", "12", "--layers", "0,10,20,-1", "--max-new-tokens", "12", "--out", str(out), "--quiet", "--device", "cpu"])
+    r = runner.invoke(
+        cli,
+        [
+            "eval",
+            "--model",
+            "default",
+            "--benchmark",
+            "demo",
+            "--limit",
+            "12",
+            "--layers",
+            "0,10,20,-1",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = directory_summary(out)
-    assert s.n_files == 12 and [x.site for x in s.sites] == ["layer_0", "layer_10", "layer_20", "layer_29"]
+    assert s.n_files == 12 and [x.site for x in s.sites] == [
+        "layer_0",
+        "layer_10",
+        "layer_20",
+        "layer_29",
+    ]
     figs = make_figures(out, tmp_path / "plots")
     assert len(figs.figures) >= 5 and all(png_size(f.path)[0] > 0 for f in figs.figures)
     page = build_report(out, tmp_path / "report.html").read_text()

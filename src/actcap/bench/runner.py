@@ -6,6 +6,7 @@ done, so a crash loses at most the batch in flight; ``resume=True`` skips finish
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import time
@@ -25,6 +26,7 @@ from actcap.capture.sites import resolve_sites
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import BenchmarkError
 from actcap.models.loading import LoadedModel
+from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
 from actcap.storage.run import ManifestEntry, RunWriter
 
@@ -57,6 +59,8 @@ class EvalOptions:
     few-shot prefixes; results are unchanged)."""
     prefix_cache: bool = True
     """In log-likelihood mode, run a batch's shared prompt prefix once and reuse its KV cache."""
+    background_write: bool = True
+    """Write sample files in a background thread (bounded queue) while the model computes."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready view for ``run.json``."""
@@ -81,6 +85,8 @@ class EvalResult:
     """The run directory, when one was written."""
     wall_seconds: float = 0.0
     """Time spent answering in this call."""
+    write_wait_seconds: float = 0.0
+    """Time the model waited on a full write queue."""
     answered: int = 0
     """Questions answered in this call (not counting resumed ones)."""
 
@@ -195,6 +201,11 @@ def run_benchmark(
     records: dict[str, dict[str, Any]] = {}
     if writer is not None:
         records.update({qid: e.record for qid, e in writer.done.items()})
+    background = (
+        BackgroundWriter(writer, on_written=on_sample)
+        if writer is not None and options.background_write
+        else None
+    )
     try:
         todo = [q for q in bench.questions if q.id not in records]
         plan = [(q, mode_for(q, options.mode)) for q in todo]
@@ -215,7 +226,14 @@ def run_benchmark(
                 texts = [prompts[q.id] for q in batch]
                 if mode == "loglik":
                     answers = answer_loglik(
-                        lm, batch, texts, spec, sites, options.batch_size, options.choice_format
+                        lm,
+                        batch,
+                        texts,
+                        spec,
+                        sites,
+                        options.batch_size,
+                        options.choice_format,
+                        options.prefix_cache,
                     )
                 else:
                     gen = GenerationOptions(max_new_tokens=options.max_new_tokens)
@@ -224,18 +242,25 @@ def run_benchmark(
                     record = _grade_and_record(q, a, mode, bench, options)
                     records[q.id] = record
                     if writer is not None:
-                        entry = _write(writer, lm, bench, q, a, record, capture)
-                        if on_sample is not None:
-                            on_sample(entry)
+                        args, kwargs = _write_args(lm, bench, q, a, record, capture)
+                        if background is not None:
+                            background.submit(*args, **kwargs)
+                        else:
+                            entry = writer.write_sample(*args, **kwargs)
+                            if on_sample is not None:
+                                on_sample(entry)
                     if bar is not None:
                         bar.update(1)
                         acc, n, _, _ = summarize(list(records.values()))
                         bar.set_postfix(acc=f"{acc:.3f}", n=n)
+        if background is not None:
+            background.close()
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         ordered = [records[q.id] for q in bench.questions if q.id in records]
         acc, n, n_correct, per_cat = summarize(ordered)
+        waited = background.blocked_seconds if background is not None else 0.0
         result = EvalResult(
             acc,
             n,
@@ -243,8 +268,9 @@ def run_benchmark(
             per_cat,
             ordered,
             Path(out) if out is not None else None,
-            wall,
-            len(todo),
+            wall_seconds=wall,
+            answered=len(todo),
+            write_wait_seconds=waited,
         )
         if writer is not None:
             writer.write_results(
@@ -259,11 +285,15 @@ def run_benchmark(
                     "questions_per_second": round(len(todo) / wall, 3)
                     if wall > 0 and todo
                     else None,
+                    "write_wait_seconds": round(waited, 3),
                     "finished": utc_now(),
                 }
             )
         return result
     finally:
+        if background is not None:
+            with contextlib.suppress(BaseException):
+                background.close()  # on an error path: finish what is queued, keep the first error
         if writer is not None:
             writer.close()
 
@@ -298,17 +328,17 @@ def _grade_and_record(
     }
 
 
-def _write(
-    writer: RunWriter,
+def _write_args(
     lm: LoadedModel,
     bench: Benchmark,
     q: Question,
     a: Answer,
     record: dict[str, Any],
     capture: CaptureSpec | None,
-) -> ManifestEntry:
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of ``RunWriter.write_sample`` for one answered question."""
     if capture is None:
-        return writer.write_sample(q.id, record)
+        return (q.id, record), {}
     meta = SampleMeta(
         prompt=a.prompt,
         response=a.response,
@@ -327,6 +357,7 @@ def _write(
             "grader": record["grader"],
         },
     )
-    return writer.write_sample(
-        q.id, record, a.activations, meta, input_ids=a.input_ids, output_ids=a.output_ids
-    )
+    return (q.id, record, a.activations, meta), {
+        "input_ids": a.input_ids,
+        "output_ids": a.output_ids,
+    }

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from actcap.capture.hooks import Recorder, recording
+from actcap.capture.hooks import Recorder, StopForward, deepest_block, recording, stop_after
 from actcap.capture.sites import Site, resolve_sites
 from actcap.capture.spec import CaptureSpec, TokenSelection
 from actcap.errors import CaptureError
@@ -177,6 +178,7 @@ def run_prompts(
     generation: GenerationOptions | None = None,
     batch_size: int = 8,
     sites: Sequence[Site] | None = None,
+    early_stop: bool = True,
 ) -> list[CapturedSample]:
     """Capture activations for formatted prompts, generating an answer for each when asked.
 
@@ -188,6 +190,8 @@ def run_prompts(
             model's output head is skipped, as nobody reads its logits).
         batch_size: Prompts per forward pass.
         sites: Pre-resolved sites; resolved from ``spec`` when None.
+        early_stop: Without generation, end each forward pass after the deepest decoder block
+            holding a wanted site (layers past it are never computed).
 
     Returns:
         One sample per prompt, in order.
@@ -201,7 +205,17 @@ def run_prompts(
     )
     recorder = make_recorder(lm, spec, sites, generating=generation is not None)
     results: list[CapturedSample] = []
-    with recording(lm.model, recorder):
+    blocks = lm.layout.blocks
+    stop_index = deepest_block(sites, [lm.layout.block_path(i) for i in range(len(blocks))])
+    stop: AbstractContextManager[None] = nullcontext()
+    if (
+        early_stop
+        and generation is None
+        and stop_index is not None
+        and stop_index < len(blocks) - 1
+    ):
+        stop = stop_after(blocks[stop_index])
+    with recording(lm.model, recorder), stop:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             recorder.reset()
@@ -209,7 +223,8 @@ def run_prompts(
             batch = encode(lm, chunk)
             if generation is None:
                 base = getattr(lm.model, "base_model", lm.model)
-                base(**forward_kwargs(base, batch))
+                with suppress(StopForward):
+                    base(**forward_kwargs(base, batch))
                 recorder.synchronize()
                 per_sample = split_samples(recorder, batch["attention_mask"], spec)
                 for i, text in enumerate(chunk):

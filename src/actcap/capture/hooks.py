@@ -17,6 +17,48 @@ from torch import Tensor, nn
 from actcap.capture.sites import Site
 
 
+class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a hook to end a forward pass once every wanted site is recorded."""
+
+
+def _raise_stop(*_args: Any) -> None:
+    raise StopForward
+
+
+def deepest_block(sites: Sequence[Site], block_paths: Sequence[str]) -> int | None:
+    """The last decoder block any site lives in, or None when a site lies outside the blocks.
+
+    Past that block nothing wanted is computed, so a capture-only pass may stop there.
+    """
+    deepest = -1
+    for site in sites:
+        index = next(
+            (
+                i
+                for i, p in enumerate(block_paths)
+                if site.module_path == p or site.module_path.startswith(p + ".")
+            ),
+            None,
+        )
+        if index is None:
+            return None
+        deepest = max(deepest, index)
+    return deepest if deepest >= 0 else None
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End every forward pass inside the block once ``module`` has run (raises :class:`StopForward`).
+
+    Register after the recording hooks, so that those on the same module run first.
+    """
+    handle = module.register_forward_hook(_raise_stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _first_tensor(value: Any) -> Tensor:
     """Normalise module outputs: a tensor, or a tuple/list/ModelOutput whose first item is one."""
     if isinstance(value, Tensor):
