@@ -36,7 +36,9 @@ def test_early_stop_gives_the_same_activations_and_skips_later_layers(tiny_lm):
     spec = CaptureSpec(layers=["embeddings", "layer_0", "layer_0.mlp"])
 
     def n_hooks():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_lm.model.modules())
+        return sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_lm.model.modules()
+        )
 
     before = n_hooks()
     calls = []

