@@ -42,7 +42,7 @@ print(json.dumps({"n": n, "rss_after_load_mb": after_load, "peak_rss_eval_mb": m
 
 
 def main(lm: Any, args: Any, figures: Figures) -> None:
-    small, large = (20, 200) if args.quick else (100, 1000)
+    small, large = (16, 48) if args.quick else (100, 1000)
     print(f"\n## peak memory, evaluation with capture of every layer, {small} vs {large} questions")
     peaks = {}
     for n in (small, large):

@@ -6,7 +6,7 @@ process; prints questions per second and ratios. Log-likelihood also has the loo
 script runs: one question at a time, full logits and ``output_hidden_states``, ``torch.save`` per
 question.
 
-    python benchmarks/eval_throughput.py [--n 64] [--batch-size 16] [--few-shot 5] [--rounds 1]
+    python -m benchmarks.eval_throughput [--n 64] [--batch-size 16] [--few-shot 5] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ import torch
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.models import load_model
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
+from benchmarks.bench_eval import naive_loop
+from benchmarks.common import MMLU_FILE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--benchmark", default=f"mmlu:{DATA / 'test' / 'high_school_geography_test.csv'}"
-    )
+    parser.add_argument("--benchmark", default=f"mmlu:{MMLU_FILE}")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--few-shot", type=int, default=5)
@@ -103,29 +101,6 @@ def main() -> None:
     print(
         f"loglik, hand-written loop {naive:.2f} q/s; actcap batched {many:.2f} q/s: {many / naive:.2f}x"
     )
-
-
-@torch.inference_mode()
-def naive_loop(lm, bench, few_shot: int, out: Path) -> float:
-    """What a hand-written script does: one question at a time, full logits and hidden states,
-    ``torch.save`` of every layer's last-token vector per question."""
-    from actcap.bench.prompts import build_prompt
-
-    out.mkdir(parents=True)
-    letters = [lm.tokenizer.encode(f" {c}", add_special_tokens=False)[0] for c in "ABCD"]
-    correct = 0
-    for q in bench.questions:
-        prompt = build_prompt(lm.tokenizer, q, bench.shots_for(q, few_shot), "loglik")
-        ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        result = lm.model(**ids, output_hidden_states=True)
-        choice = "ABCD"[int(result.logits[0, -1, letters].argmax())]
-        correct += choice == q.answer
-        acts = {"embeddings": result.hidden_states[0][0, -1].clone()}
-        acts.update(
-            {f"layer_{i}": h[0, -1].clone() for i, h in enumerate(result.hidden_states[1:])}
-        )
-        torch.save({"prompt": prompt, "response": choice, "activations": acts}, out / f"{q.id}.pt")
-    return correct / len(bench.questions)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": {},
     "gemma2": {},
     "phi3": {},
-    "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 256},
+    "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 2048},
     "gpt_neox": {},
-    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 256},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "max_position_embeddings": 2048},
 }
 VOCAB = 384
 
@@ -79,7 +79,7 @@ def build_tiny_model(model_type: str, seed: int = 0) -> Any:
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        max_position_embeddings=256,
+        max_position_embeddings=2048,
     )
     extra = TINY_CONFIGS[model_type]
     if model_type == "gpt2":

@@ -42,6 +42,10 @@ class RunError(ActcapError):
     """A run directory that cannot be written: locked, mismatched config, out of space."""
 
 
+class WriteError(ActcapError, OSError):
+    """A file could not be written: disk full, no permission, I/O error."""
+
+
 class CaptureError(ActcapError):
     """A capture request that cannot be carried out on this input."""
 

@@ -10,6 +10,7 @@ import contextlib
 import platform
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class EvalOptions:
     """In log-likelihood mode, run a batch's shared prompt prefix once and reuse its KV cache."""
     background_write: bool = True
     """Write sample files in a background thread (bounded queue) while the model computes."""
+    overflow: Literal["error", "truncate"] = "error"
+    """A prompt longer than the model's context: refuse (``error``), or keep its last tokens
+    with a warning (``truncate``)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready view for ``run.json``."""
@@ -119,6 +123,41 @@ def grader_name_for(q: Question, mode: Mode, benchmark: Benchmark, override: str
     if q.is_multiple_choice:
         return "mc_letter"
     return "numeric" if parse_number(q.answer) is not None else "contains"
+
+
+def context_length(lm: LoadedModel) -> int:
+    """The longest input the model takes (its position table), or a very large number if unknown."""
+    config = getattr(lm.model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
+def fit_prompt(lm: LoadedModel, qid: str, prompt: str, room: int, overflow: str) -> str:
+    """Check a prompt against the model's context; refuse it or keep its last tokens.
+
+    Raises:
+        BenchmarkError: When the prompt is too long and ``overflow`` is ``error``.
+    """
+    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    ids = lm.tokenizer.encode(prompt, add_special_tokens=add_special)
+    if len(ids) <= room:
+        return prompt
+    if overflow != "truncate":
+        raise BenchmarkError(
+            f"Question {qid!r}: the prompt has {len(ids)} tokens, more than the {room} this model "
+            "can take (context minus answer tokens). Use fewer --few-shot examples, or "
+            "--overflow truncate to keep its last tokens."
+        )
+    # Keep the end (the question itself); a little slack, as decoding and re-encoding can merge tokens.
+    kept = lm.tokenizer.decode(ids[-max(room - 8, 1) :], skip_special_tokens=False)
+    warnings.warn(
+        f"Question {qid!r}: prompt truncated from {len(ids)} to its last {room - 8} tokens to fit the context.",
+        stacklevel=3,
+    )
+    return str(kept)
 
 
 def versions() -> dict[str, str]:
@@ -215,6 +254,10 @@ def run_benchmark(
             )
             for q, m in plan
         }
+        limit = context_length(lm)
+        for q, m in plan:
+            room = limit - (options.max_new_tokens if m == "generate" else 0)
+            prompts[q.id] = fit_prompt(lm, q.id, prompts[q.id], room, options.overflow)
         t0 = time.perf_counter()
         bar = _progress(len(bench.questions), len(records), progress)
         for mode in ("loglik", "generate"):

@@ -90,6 +90,13 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--capture-generated", is_flag=True, help="Also capture the generated tokens.")
 @click.option("--no-capture", is_flag=True, help="Evaluate only: no activation files.")
 @click.option(
+    "--overflow",
+    default="error",
+    show_default=True,
+    type=click.Choice(["error", "truncate"]),
+    help="A prompt longer than the model's context: refuse, or keep its last tokens.",
+)
+@click.option(
     "--field",
     "fields",
     multiple=True,
@@ -123,6 +130,7 @@ def eval_command(**kw: Any) -> None:
         grader=kw["grader"],
         choice_format=kw["choice_format"],
         limit=kw["limit"],
+        overflow=kw["overflow"],
     )
     if kw["grader"]:
         from actcap.bench.graders import get_grader

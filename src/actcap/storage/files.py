@@ -9,6 +9,7 @@ a pickle that needs more is refused unless the caller trusts it explicitly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -22,10 +23,27 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from actcap.errors import FormatError, UnknownNameError, UnsafeFileError
+from actcap.errors import FormatError, UnknownNameError, UnsafeFileError, WriteError
 from actcap.storage.format import FORMAT_NAME, FORMAT_VERSION, ID_TENSORS, SampleMeta
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
 
 
@@ -113,7 +131,12 @@ def save_activations(
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta.to_header())
+        try:
+            save_file(tensors, tmp, metadata=meta.to_header())
+        except (
+            SafetensorError
+        ) as e:  # safetensors reports I/O failures (ENOSPC, EIO) as its own type
+            raise WriteError(f"{target}: cannot write ({e}).") from e
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -157,12 +180,24 @@ def read_header(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and dtype in _DTYPE_BYTES
         ):
             raise FormatError(f"{path}: corrupt entry for tensor {name!r} in the header.")
+        count = math.prod(shape)
+        if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            raise FormatError(
+                f"{path}: tensor {name!r} claims shape {shape} ({dtype}) but spans "
+                f"{offsets[1] - offsets[0]} bytes; the header is corrupt."
+            )
         end = max(end, offsets[1])
     if 8 + n + end > size:
         raise FormatError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}.")

@@ -97,6 +97,19 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     return entries
 
 
+def _cut_torn_line(path: Path) -> None:
+    """Remove a final line without its newline (an append cut short by a crash or a full disk)."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class RunWriter:
     """Writes one run directory; holds its lock from :meth:`open` to :meth:`close`.
 
@@ -109,6 +122,7 @@ class RunWriter:
         """Use :meth:`open`."""
         self.root = root
         self._lock_fd = lock_fd
+        _cut_torn_line(root / MANIFEST)
         self._manifest = open(root / MANIFEST, "ab")  # noqa: SIM115 - closed in close()
         self.done: dict[str, ManifestEntry] = {e.id: e for e in read_manifest(root / MANIFEST)}
 
@@ -256,11 +270,7 @@ class RunWriter:
             self._manifest.close()
         path = self.root / MANIFEST
         with contextlib.suppress(OSError):
-            data = path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end != len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(end)
+            _cut_torn_line(path)
         self._manifest = open(path, "ab")  # noqa: SIM115
 
     def write_results(self, results: Mapping[str, Any]) -> Path:
