@@ -95,6 +95,28 @@ def lm_eval_run(
     return float(result["results"]["actcap_mmlu"]["acc,none"])
 
 
+def with_capture(
+    lm: Any, bench: Any, capture: CaptureSpec, args: Any, few: int, out: Path, figures: Figures
+) -> float:
+    """actcap with capture; also reports how long the model waited on the writer."""
+    r = run_benchmark(
+        lm,
+        bench,
+        capture=capture,
+        options=EvalOptions(mode="loglik", batch_size=args.batch_size, few_shot=few),
+        out=out,
+        progress=False,
+    )
+    share = r.write_wait_seconds / r.wall_seconds
+    print(
+        f"  (model waiting on a full write queue: {r.write_wait_seconds:.3f} s of {r.wall_seconds:.1f} s, {share:.1%})"
+    )
+    figures.add(
+        "eval", "write queue wait", seconds=r.write_wait_seconds, wall=r.wall_seconds, share=share
+    )
+    return float(r.accuracy)
+
+
 def main(lm: Any, args: Any, figures: Figures) -> None:
     n = 8 if args.quick else 64
     bench = load_benchmark(f"mmlu:{MMLU_FILE}").limited(n)
@@ -108,15 +130,8 @@ def main(lm: Any, args: Any, figures: Figures) -> None:
             "hand-written loop (batch 1, full logits, torch.save)": lambda: naive_loop(
                 lm, bench, few, Path(tmp) / f"naive{time.time_ns()}"
             ),
-            "actcap, capture every layer (last token)": lambda: (
-                run_benchmark(
-                    lm,
-                    bench,
-                    capture=capture,
-                    options=EvalOptions(mode="loglik", batch_size=args.batch_size, few_shot=few),
-                    out=Path(tmp) / f"a{time.time_ns()}",
-                    progress=False,
-                ).accuracy
+            "actcap, capture every layer (last token)": lambda: with_capture(
+                lm, bench, capture, args, few, Path(tmp) / f"a{time.time_ns()}", figures
             ),
             "actcap --no-capture": lambda: (
                 run_benchmark(

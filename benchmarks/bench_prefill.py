@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -58,7 +59,8 @@ def nnsight_variant(lm: Any, batch: dict[str, torch.Tensor], n: int, device: str
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+        # Its own copy: peers may wrap or replace modules of the model they are given.
+        model = LanguageModel(copy.deepcopy(lm.model), tokenizer=lm.tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def run() -> None:

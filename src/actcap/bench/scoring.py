@@ -6,7 +6,6 @@ answers as one question at a time, and both record activations through :mod:`act
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +16,7 @@ from torch import Tensor
 from actcap.bench.questions import LETTERS, Question
 from actcap.capture.collect import (
     GenerationOptions,
+    accepts_argument,
     encode,
     forward_kwargs,
     make_recorder,
@@ -68,13 +68,6 @@ def answer_generate(
 def _single_token_ids(lm: LoadedModel, texts: Sequence[str]) -> list[int] | None:
     ids = [lm.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
-
-
-def _accepts(model: object, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.inference_mode()
@@ -148,7 +141,7 @@ def _loglik_batch(
         batch = encode(lm, ps)
         if letter_ids is not None:
             kwargs = forward_kwargs(lm.model, batch)
-            if _accepts(lm.model, "logits_to_keep"):
+            if accepts_argument(lm.model, "logits_to_keep"):
                 kwargs["logits_to_keep"] = 1
             logits = lm.model(**kwargs).logits[:, -1, :].float()  # (batch, vocab)
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
@@ -210,7 +203,7 @@ def _loglik_shared_prefix(
         prefix = torch.tensor([rows[0][:n_prefix]], device=device)
         cache = DynamicCache(config=lm.model.config)
         # transformers 5.x renames past_key_values to cache; older releases know only the former.
-        key = "cache" if _accepts(base, "cache") else "past_key_values"
+        key = "cache" if accepts_argument(base, "cache") else "past_key_values"
         base(
             input_ids=prefix,
             use_cache=True,

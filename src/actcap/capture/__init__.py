@@ -3,6 +3,7 @@
 from actcap.capture.collect import (
     CapturedSample,
     GenerationOptions,
+    accepts_argument,
     encode,
     forward_kwargs,
     make_recorder,
@@ -25,6 +26,7 @@ __all__ = [
     "Site",
     "SiteKind",
     "TokenSelection",
+    "accepts_argument",
     "encode",
     "forward_kwargs",
     "layer_indices",

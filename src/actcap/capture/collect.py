@@ -6,6 +6,7 @@ tensor on the offload device in the storage dtype.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -80,11 +81,20 @@ def position_ids_for(attention_mask: Tensor) -> Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def _accepts(fn: Any, name: str) -> bool:
+@functools.cache
+def _parameters(fn: Any) -> frozenset[str]:
     try:
-        return name in inspect.signature(fn).parameters
+        return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def accepts_argument(module: Any, name: str) -> bool:
+    """Whether ``module.forward`` takes an argument called ``name``.
+
+    Signatures differ by architecture and transformers release; the answer is cached per class.
+    """
+    return name in _parameters(type(module).forward)
 
 
 def forward_kwargs(module: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -93,9 +103,9 @@ def forward_kwargs(module: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
     }
-    if _accepts(module.forward, "position_ids"):
+    if accepts_argument(module, "position_ids"):
         kwargs["position_ids"] = position_ids_for(batch["attention_mask"])
-    if _accepts(module.forward, "use_cache"):
+    if accepts_argument(module, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
 
@@ -215,7 +225,8 @@ def run_prompts(
         and stop_index is not None
         and stop_index < len(blocks) - 1
     ):
-        stop = stop_after(blocks[stop_index])
+        # Resolve by path, as the recording hooks do: a wrapper may have swapped modules in place.
+        stop = stop_after(lm.model.get_submodule(lm.layout.block_path(stop_index)))
     with recording(lm.model, recorder), stop:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
