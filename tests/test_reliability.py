@@ -228,8 +228,9 @@ def test_unwritable_output_folder_for_an_unprivileged_user(tiny_model_dir, tmp_p
     # Python's own files live under /root here, which the unprivileged user cannot read: import
     # and load everything first, then drop privileges, then run the command.
     code = (
-        "import os, sys, json, tqdm, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec;"
+        "import os, sys, json, tqdm, importlib.readers, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec;"
         "from actcap.cli.main import main; from actcap.models import load_model;"
+        "actcap.bench.sources.load_benchmark('demo');"
         f"load_model({str(tiny_model_dir)!r}, device='auto');"
         "os.setgid(65534); os.setuid(65534); main()"
     )
