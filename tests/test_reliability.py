@@ -386,6 +386,9 @@ def test_ids_that_escape(tiny_lm, tmp_path):
         f.parent == out / "samples" and not f.name.startswith(".") for f in files
     )
     assert {e.id for e in open_run(out).entries} == {q.id for q in qs}
+    assert (
+        not (tmp_path / "x.safetensors").exists() and not Path("/etc/passwd.safetensors").exists()
+    )
 
 
 def test_torn_manifest_line_is_cut_on_resume(tiny_lm, tmp_path):

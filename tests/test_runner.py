@@ -206,26 +206,6 @@ def test_unwritable_output_is_clear(tmp_path):
         RunWriter.open(target, {"model": "m"})
 
 
-def test_ids_with_path_characters_stay_inside(tiny_lm, tmp_path):
-    qs = [
-        Question("../../evil", "2 + 2 = ?", "4"),
-        Question("a/b\x00c", "1 + 1 = ?", "2"),
-        Question("a_b_c", "3 + 3 = ?", "6"),
-    ]
-    out = tmp_path / "run"
-    run_benchmark(
-        tiny_lm,
-        Benchmark("ids", qs),
-        capture=CaptureSpec(layers=[0]),
-        options=EvalOptions(max_new_tokens=2),
-        out=out,
-        progress=False,
-    )
-    files = sorted(p.name for p in (out / "samples").iterdir())
-    assert len(files) == 3 and all("/" not in f and not f.startswith(".") for f in files)
-    assert not (tmp_path.parent / "evil.safetensors").exists()
-
-
 def test_no_capture_writes_no_files(tiny_lm, mixed, tmp_path):
     out = tmp_path / "run"
     run_benchmark(

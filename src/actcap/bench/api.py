@@ -90,13 +90,8 @@ def answer_benchmark_question_with_activations(
     lm = load_model(model)
     spec = CaptureSpec(layers=layers_to_capture, token_selection=token_selection, dtype=dtype)
     a, m = _answer(q, lm, spec, True, mode, max_new_tokens)
-    meta = SampleMeta(
-        prompt=a.prompt,
-        response=a.response,
-        model=lm.display_name,
-        token_selection=token_selection,
-        dtype=spec.dtype,
-        extra={"question_id": q.id, "reference": q.answer, "category": q.category, "mode": m},
+    meta = _meta(
+        a, lm, spec, {"question_id": q.id, "reference": q.answer, "category": q.category, "mode": m}
     )
     path: Path | None = None
     if save_activations:
@@ -113,6 +108,18 @@ def answer_benchmark_question_with_activations(
         "file": str(path) if path else None,
     }
     return a.response, data
+
+
+def _meta(a: Answer, lm: LoadedModel, spec: CaptureSpec, extra: dict[str, Any]) -> SampleMeta:
+    """The activation file's metadata for one answer."""
+    return SampleMeta(
+        prompt=a.prompt,
+        response=a.response,
+        model=lm.display_name,
+        token_selection=spec.token_selection,
+        dtype=spec.dtype,
+        extra=extra,
+    )
 
 
 def save_activations_file(path: Path, a: Answer, meta: SampleMeta) -> Path:
@@ -163,21 +170,8 @@ def answer_and_grade_benchmark_question(
         "activation_file": None,
     }
     if capture_activations:
-        meta = SampleMeta(
-            prompt=a.prompt,
-            response=a.response,
-            model=lm.display_name,
-            token_selection=token_selection,
-            dtype=spec.dtype,
-            extra={
-                "question_id": q.id,
-                "reference": q.answer,
-                "correct": grade.correct,
-                "score": grade.score,
-                "grader": name,
-                "mode": m,
-            },
-        )
+        extra = {"question_id": q.id, "reference": q.answer, "correct": grade.correct}
+        meta = _meta(a, lm, spec, {**extra, "score": grade.score, "grader": name, "mode": m})
         path = save_activations_file(Path(activation_save_dir) / sample_filename(q.id), a, meta)
         result["activation_file"] = str(path)
     return result
