@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python main.py --capture_activations --activation_save_dir $(DEMO_OUT)
+	$(BIN)/python main.py --capture_activations --activation_save_dir $(DEMO_OUT) --resume
 
 test: install
 	$(BIN)/python -m pytest
