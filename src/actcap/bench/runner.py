@@ -260,6 +260,8 @@ def run_benchmark(
             prompts[q.id] = fit_prompt(lm, q.id, prompts[q.id], room, options.overflow)
         t0 = time.perf_counter()
         bar = _progress(len(bench.questions), len(records), progress)
+        # Running counts for the progress bar (summarising every record per sample is quadratic).
+        _, graded, right, _ = summarize(list(records.values()))
         for mode in ("loglik", "generate"):
             group = [q for q, m in plan if m == mode]
             if options.sort_by_length:
@@ -293,9 +295,11 @@ def run_benchmark(
                             if on_sample is not None:
                                 on_sample(entry)
                     if bar is not None:
+                        if record["correct"] is not None:
+                            graded += 1
+                            right += bool(record["correct"])
                         bar.update(1)
-                        acc, n, _, _ = summarize(list(records.values()))
-                        bar.set_postfix(acc=f"{acc:.3f}", n=n)
+                        bar.set_postfix(acc=f"{right / graded if graded else 0.0:.3f}", n=graded)
         if background is not None:
             background.close()
         wall = time.perf_counter() - t0

@@ -168,11 +168,11 @@ def recording(model: nn.Module, recorder: Recorder) -> Iterator[Recorder]:
     Yields:
         The recorder, filled by every forward pass run inside the block.
     """
-    modules = dict(model.named_modules())
     handles = []
     try:
         for site in recorder.sites:
-            module = modules[site.module_path]
+            # A path lookup, not a walk of the whole module tree: this runs once per batch.
+            module = model.get_submodule(site.module_path)
             if site.hook == "input":
                 handles.append(
                     module.register_forward_pre_hook(recorder.hook_for(site), with_kwargs=True)

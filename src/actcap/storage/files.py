@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +73,32 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably."""
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file beside it: ``write(tmp)``, fsync, rename, fsync the folder.
+
+    A crash or an error leaves the old file (or none), never a partial one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    _atomic_write(path, write)
 
 
 def save_activations(
@@ -127,23 +139,16 @@ def save_activations(
     for name, ids in (("input_ids", input_ids), ("output_ids", output_ids)):
         if ids is not None:
             tensors[name] = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         try:
             save_file(tensors, tmp, metadata=meta.to_header())
         except (
             SafetensorError
         ) as e:  # safetensors reports I/O failures (ENOSPC, EIO) as its own type
             raise WriteError(f"{target}: cannot write ({e}).") from e
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+
+    _atomic_write(target, write)
     return target
 
 
