@@ -17,6 +17,7 @@ from actcap.analysis.vectors import (
 )
 from actcap.errors import ActcapError
 from actcap.storage.files import ActivationFile, site_sort_key
+from actcap.storage.format import SampleSource
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1))
 
 
-def compare_files(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[SiteComparison]:
+def compare_files(a: SampleSource, b: SampleSource) -> list[SiteComparison]:
     """Per-site cosine similarity between two activation files (the sites they share)."""
     out = []
     with ActivationFile(a) as fa, ActivationFile(b) as fb:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 
 from actcap.errors import ActcapError
 from actcap.storage.files import ActivationFile
+from actcap.storage.format import SampleSource
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,7 @@ class LensRow:
 
 
 @torch.inference_mode()
-def logit_lens(
-    path: str | os.PathLike[str], model: Any = None, token: int = -1, k: int = 5
-) -> list[LensRow]:
+def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 5) -> list[LensRow]:
     """Decode each residual-stream site of a file at one token position.
 
     Args:

@@ -19,6 +19,7 @@ from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
 from actcap.errors import require
 from actcap.storage.files import ActivationFile, site_sort_key
+from actcap.storage.format import SampleSource, ShardSlice
 
 DPI = 100
 SIZE = (8.0, 5.0)
@@ -47,6 +48,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _stem(file: SampleSource) -> str:
+    """A short name for a sample in a title: the file's stem, or the shard's stem and offset."""
+    if isinstance(file, ShardSlice):
+        return f"{Path(file.shard).stem}@{file.offset}"
+    return Path(file).stem
+
+
 def _save(fig: Any, path: str | os.PathLike[str], title: str, data: dict[str, Any]) -> Figure:
     plt = _pyplot()
     out = Path(path)
@@ -67,7 +75,7 @@ def residual_sites(sites: Sequence[str]) -> list[str]:
 
 
 def histogram(
-    file: str | os.PathLike[str],
+    file: SampleSource,
     out: str | os.PathLike[str],
     sites: Sequence[str] | None = None,
     bins: int = 60,
@@ -103,7 +111,7 @@ def histogram(
     return _save(
         fig,
         out,
-        f"Activation values of {Path(file).stem}",
+        f"Activation values of {_stem(file)}",
         {"edges": edges_by_site, "counts": counts, "outside": outside},
     )
 
@@ -116,7 +124,7 @@ def _spread(items: Sequence[str], n: int) -> list[str]:
 
 
 def token_layer_norms(
-    file: str | os.PathLike[str], out: str | os.PathLike[str], tokenizer: Any = None
+    file: SampleSource, out: str | os.PathLike[str], tokenizer: Any = None
 ) -> Figure:
     """Heatmap of the L2 norm of each token's residual vector at each layer of one sample."""
     plt = _pyplot()
@@ -150,7 +158,7 @@ def token_layer_norms(
     return _save(
         fig,
         out,
-        f"Residual norm by token and layer: {Path(file).stem}",
+        f"Residual norm by token and layer: {_stem(file)}",
         {"norms": norms, "sites": sites},
     )
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from actcap.errors import FormatError
 from actcap.storage.files import ActivationFile
-from actcap.storage.format import SUFFIX
+from actcap.storage.format import SUFFIX, ShardSlice
+from actcap.storage.location import exists, is_url, join
 from actcap.storage.run import RUN_FILE, open_run
 
 
@@ -24,8 +25,8 @@ class SampleRef:
 
     id: str
     """Question id (or file stem)."""
-    path: Path
-    """Its activation file."""
+    path: Path | ShardSlice
+    """Its activation file, or its slice of a shard."""
     record: dict[str, Any] = field(default_factory=dict)
     """Its manifest line (empty for a loose folder of files)."""
 
@@ -43,7 +44,7 @@ class Skipped:
     files: list[tuple[str, str]] = field(default_factory=list)
     """``(path, reason)`` pairs."""
 
-    def add(self, path: Path, reason: str) -> None:
+    def add(self, path: Path | ShardSlice, reason: str) -> None:
         """Record one skipped file."""
         self.files.append((str(path), reason))
 
@@ -53,11 +54,16 @@ class Skipped:
 
 
 def list_samples(directory: str | os.PathLike[str]) -> list[SampleRef]:
-    """The samples of a run directory (in manifest order, with records) or of a folder of files.
+    """The samples of a run (in manifest order, with records) or of a folder of files.
+
+    A run may be local or at an fsspec URL, in either layout (a file per sample, or shards).
 
     Raises:
         FormatError: When the path is no folder.
     """
+    if is_url(directory):
+        info = open_run(directory)
+        return [SampleRef(e.id, p, e.record) for e, p in info.sample_paths()]
     root = Path(directory)
     if not root.is_dir():
         raise FormatError(f"{root}: not a folder.")
@@ -86,8 +92,8 @@ def iter_open(
 
 def run_config(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``run.json`` and ``results.json`` of a run directory, or None for a loose folder."""
-    root = Path(directory)
-    if not (root / RUN_FILE).is_file():
+    root: str | Path = os.fspath(directory) if is_url(directory) else Path(directory)
+    if not exists(join(os.fspath(root), RUN_FILE)):
         return None
     info = open_run(root)
     return {"config": info.config, "results": info.results}

@@ -11,6 +11,7 @@ from torch import Tensor
 from actcap.analysis.sources import Skipped, iter_open, list_samples
 from actcap.errors import ActcapError
 from actcap.storage.files import ActivationFile, site_sort_key
+from actcap.storage.format import SampleSource
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def tensor_stats(site: str, t: Tensor) -> SiteStats:
 
 
 def file_stats(
-    path: str | os.PathLike[str], sites: list[str] | None = None, tokens: slice | None = None
+    path: SampleSource, sites: list[str] | None = None, tokens: slice | None = None
 ) -> list[SiteStats]:
     """Per-site statistics of one activation file, reading one site at a time.
 

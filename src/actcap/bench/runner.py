@@ -7,12 +7,13 @@ done, so a crash loses at most the batch in flight; ``resume=True`` skips finish
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +30,9 @@ from actcap.errors import BenchmarkError
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
-from actcap.storage.run import ManifestEntry, RunWriter
+from actcap.storage.location import is_url
+from actcap.storage.run import SHARD_BYTES, ManifestEntry, Storage, resolve_storage
+from actcap.storage.writers import SampleWriter, open_writer
 
 ModeOption = Literal["auto", "generate", "loglik"]
 DEFAULT_CAPTURE = CaptureSpec()
@@ -85,8 +88,8 @@ class EvalResult:
     """Category to ``{"accuracy", "n", "n_correct"}``."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """Manifest records, in question order."""
-    out: Path | None = None
-    """The run directory, when one was written."""
+    out: Path | str | None = None
+    """The run directory (or URL), when one was written."""
     wall_seconds: float = 0.0
     """Time spent answering in this call."""
     write_wait_seconds: float = 0.0
@@ -187,16 +190,179 @@ def summarize(
     return (n_correct / len(graded) if graded else 0.0), len(graded), n_correct, per_cat
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A question ready to answer: how (mode) and with which exact prompt."""
+
+    question: Question
+    mode: Mode
+    prompt: str
+
+
+def plan_questions(
+    lm: LoadedModel, bench: Benchmark, todo: Sequence[Question], options: EvalOptions
+) -> list[Planned]:
+    """Build and check every prompt, and order the questions as they will be batched.
+
+    Log-likelihood questions come first, then generation; within a mode, questions of one
+    category and similar length sit together (``sort_by_length``). Only the tokenizer and the
+    config are used, so a model skeleton without weights plans as well as the real one.
+
+    Raises:
+        BenchmarkError: A question that cannot be answered as asked, or a prompt too long.
+    """
+    limit = context_length(lm)
+    plan: list[Planned] = []
+    for q in todo:
+        mode = mode_for(q, options.mode)
+        prompt = build_prompt(
+            lm.tokenizer, q, bench.shots_for(q, options.few_shot), mode, options.chat
+        )
+        room = limit - (options.max_new_tokens if mode == "generate" else 0)
+        plan.append(Planned(q, mode, fit_prompt(lm, q.id, prompt, room, options.overflow)))
+    ordered: list[Planned] = []
+    for mode in ("loglik", "generate"):
+        group = [p for p in plan if p.mode == mode]
+        if options.sort_by_length:
+            group.sort(key=lambda p: (p.question.category, -len(p.prompt)))
+        ordered += group
+    return ordered
+
+
+def plan_batches(plan: Sequence[Planned], batch_size: int) -> list[list[Planned]]:
+    """Cut a plan into batches of at most ``batch_size`` questions of one mode."""
+    out: list[list[Planned]] = []
+    for item in plan:
+        if out and len(out[-1]) < batch_size and out[-1][0].mode == item.mode:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def answer_batch(
+    lm: LoadedModel,
+    bench: Benchmark,
+    batch: Sequence[Planned],
+    capture: CaptureSpec | None,
+    sites: Sequence[Any],
+    options: EvalOptions,
+) -> list[tuple[Question, Answer, dict[str, Any]]]:
+    """Answer and grade one batch (any mix of modes: each mode runs as its own pass)."""
+    spec = capture if capture is not None else CaptureSpec(layers=[])
+    out: list[tuple[Question, Answer, dict[str, Any]]] = []
+    for mode in ("loglik", "generate"):
+        part = [p for p in batch if p.mode == mode]
+        if not part:
+            continue
+        questions = [p.question for p in part]
+        texts = [p.prompt for p in part]
+        if mode == "loglik":
+            answers = answer_loglik(
+                lm,
+                questions,
+                texts,
+                spec,
+                list(sites),
+                options.batch_size,
+                options.choice_format,
+                options.prefix_cache,
+            )
+        else:
+            gen = GenerationOptions(max_new_tokens=options.max_new_tokens)
+            answers = answer_generate(lm, texts, spec, list(sites), gen, options.batch_size)
+        for q, a in zip(questions, answers, strict=True):
+            out.append((q, a, _grade_and_record(q, a, mode, bench, options)))
+    return out
+
+
+def run_config(
+    lm: LoadedModel,
+    bench: Benchmark,
+    capture: CaptureSpec | None,
+    sites: Sequence[Any],
+    options: EvalOptions,
+    storage: str,
+) -> dict[str, Any]:
+    """What ``run.json`` records of a run."""
+    return {
+        "model": lm.display_name,
+        "model_source": lm.source,
+        "benchmark": bench.name,
+        "n_questions": len(bench.questions),
+        "capture": capture.to_json() if capture is not None else None,
+        "sites": [s.name for s in sites],
+        "options": options.to_json(),
+        "storage": storage,
+        "started": utc_now(),
+        "versions": versions(),
+    }
+
+
+def run_sites(lm: LoadedModel, capture: CaptureSpec | None) -> list[Any]:
+    """The capture sites of a run (none without capture)."""
+    if capture is None:
+        return []
+    return resolve_sites(lm.model, lm.layout, capture.layers, capture.kinds)
+
+
+def finish_run(
+    writer: SampleWriter | None,
+    bench: Benchmark,
+    records: Mapping[str, dict[str, Any]],
+    *,
+    answered: int,
+    wall: float,
+    waited: float,
+    extra: Mapping[str, Any] | None = None,
+) -> EvalResult:
+    """Summarise the records in question order and write ``results.json``."""
+    ordered = [records[q.id] for q in bench.questions if q.id in records]
+    acc, n, n_correct, per_cat = summarize(ordered)
+    result = EvalResult(
+        acc,
+        n,
+        n_correct,
+        per_cat,
+        ordered,
+        writer.root if writer is not None else None,
+        wall_seconds=wall,
+        answered=answered,
+        write_wait_seconds=waited,
+    )
+    if writer is not None:
+        writer.write_results(
+            {
+                "accuracy": acc,
+                "n": n,
+                "n_correct": n_correct,
+                "per_category": per_cat,
+                "n_questions": len(bench.questions),
+                "answered_this_session": answered,
+                "wall_seconds": round(wall, 3),
+                "questions_per_second": round(answered / wall, 3)
+                if wall > 0 and answered
+                else None,
+                "write_wait_seconds": round(waited, 3),
+                **(extra or {}),
+                "finished": utc_now(),
+            }
+        )
+    return result
+
+
 def run_benchmark(
     lm: LoadedModel,
     benchmark: Benchmark,
     *,
     capture: CaptureSpec | None = DEFAULT_CAPTURE,
     options: EvalOptions | None = None,
-    out: str | Path | None = None,
+    out: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: bool = True,
     on_sample: Callable[[ManifestEntry], None] | None = None,
+    storage: Storage = "auto",
+    shard_bytes: int = SHARD_BYTES,
 ) -> EvalResult:
     """Answer and grade a benchmark, writing every sample's activations into a run directory.
 
@@ -205,10 +371,13 @@ def run_benchmark(
         benchmark: The questions.
         capture: What to capture; None evaluates only.
         options: Answering and grading options.
-        out: The run directory; None keeps everything in memory (nothing written).
+        out: The run directory (or an fsspec URL); None keeps everything in memory.
         resume: Continue a run in ``out`` that has finished samples.
         progress: Show a progress bar with the running accuracy.
         on_sample: Called after each sample is written (tests use it to inject faults).
+        storage: ``files`` (one per sample), ``shards`` (~1 GB files with an index), or
+            ``auto`` (shards above 10,000 questions, and always at a URL).
+        shard_bytes: Size at which a shard is closed and the next begun.
 
     Returns:
         Accuracy overall and per category, and the records.
@@ -219,24 +388,14 @@ def run_benchmark(
     """
     options = options or EvalOptions()
     bench = benchmark.limited(options.limit)
-    spec = capture if capture is not None else CaptureSpec(layers=[])
-    sites = (
-        resolve_sites(lm.model, lm.layout, capture.layers, capture.kinds)
-        if capture is not None
-        else []
+    sites = run_sites(lm, capture)
+    layout = resolve_run_storage(storage, len(bench.questions), out)
+    config = run_config(lm, bench, capture, sites, options, layout)
+    writer = (
+        open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
+        if out is not None
+        else None
     )
-    config = {
-        "model": lm.display_name,
-        "model_source": lm.source,
-        "benchmark": bench.name,
-        "n_questions": len(bench.questions),
-        "capture": capture.to_json() if capture is not None else None,
-        "sites": [s.name for s in sites],
-        "options": options.to_json(),
-        "started": utc_now(),
-        "versions": versions(),
-    }
-    writer = RunWriter.open(out, config, resume=resume) if out is not None else None
     records: dict[str, dict[str, Any]] = {}
     if writer is not None:
         records.update({qid: e.record for qid, e in writer.done.items()})
@@ -247,102 +406,54 @@ def run_benchmark(
     )
     try:
         todo = [q for q in bench.questions if q.id not in records]
-        plan = [(q, mode_for(q, options.mode)) for q in todo]
-        prompts = {
-            q.id: build_prompt(
-                lm.tokenizer, q, bench.shots_for(q, options.few_shot), m, options.chat
-            )
-            for q, m in plan
-        }
-        limit = context_length(lm)
-        for q, m in plan:
-            room = limit - (options.max_new_tokens if m == "generate" else 0)
-            prompts[q.id] = fit_prompt(lm, q.id, prompts[q.id], room, options.overflow)
+        plan = plan_questions(lm, bench, todo, options)
         t0 = time.perf_counter()
         bar = _progress(len(bench.questions), len(records), progress)
         # Running counts for the progress bar (summarising every record per sample is quadratic).
         _, graded, right, _ = summarize(list(records.values()))
-        for mode in ("loglik", "generate"):
-            group = [q for q, m in plan if m == mode]
-            if options.sort_by_length:
-                group.sort(key=lambda q: (q.category, -len(prompts[q.id])))
-            for start in range(0, len(group), options.batch_size):
-                batch = group[start : start + options.batch_size]
-                texts = [prompts[q.id] for q in batch]
-                if mode == "loglik":
-                    answers = answer_loglik(
-                        lm,
-                        batch,
-                        texts,
-                        spec,
-                        sites,
-                        options.batch_size,
-                        options.choice_format,
-                        options.prefix_cache,
-                    )
-                else:
-                    gen = GenerationOptions(max_new_tokens=options.max_new_tokens)
-                    answers = answer_generate(lm, texts, spec, sites, gen, options.batch_size)
-                for q, a in zip(batch, answers, strict=True):
-                    record = _grade_and_record(q, a, mode, bench, options)
-                    records[q.id] = record
-                    if writer is not None:
-                        args, kwargs = _write_args(lm, bench, q, a, record, capture)
-                        if background is not None:
-                            background.submit(*args, **kwargs)
-                        else:
-                            entry = writer.write_sample(*args, **kwargs)
-                            if on_sample is not None:
-                                on_sample(entry)
-                    if bar is not None:
-                        if record["correct"] is not None:
-                            graded += 1
-                            right += bool(record["correct"])
-                        bar.update(1)
-                        bar.set_postfix(acc=f"{right / graded if graded else 0.0:.3f}", n=graded)
+        for batch in plan_batches(plan, options.batch_size):
+            for q, a, record in answer_batch(lm, bench, batch, capture, sites, options):
+                records[q.id] = record
+                if writer is not None:
+                    args, kwargs = write_args(lm.display_name, bench, q, a, record, capture)
+                    if background is not None:
+                        background.submit(*args, **kwargs)
+                    else:
+                        entry = writer.write_sample(*args, **kwargs)
+                        if on_sample is not None:
+                            on_sample(entry)
+                if bar is not None:
+                    if record["correct"] is not None:
+                        graded += 1
+                        right += bool(record["correct"])
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{right / graded if graded else 0.0:.3f}", n=graded)
         if background is not None:
             background.close()
+        if writer is not None:
+            writer.flush()
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        ordered = [records[q.id] for q in bench.questions if q.id in records]
-        acc, n, n_correct, per_cat = summarize(ordered)
         waited = background.blocked_seconds if background is not None else 0.0
-        result = EvalResult(
-            acc,
-            n,
-            n_correct,
-            per_cat,
-            ordered,
-            Path(out) if out is not None else None,
-            wall_seconds=wall,
-            answered=len(todo),
-            write_wait_seconds=waited,
-        )
         if writer is not None:
-            writer.write_results(
-                {
-                    "accuracy": acc,
-                    "n": n,
-                    "n_correct": n_correct,
-                    "per_category": per_cat,
-                    "n_questions": len(bench.questions),
-                    "answered_this_session": len(todo),
-                    "wall_seconds": round(wall, 3),
-                    "questions_per_second": round(len(todo) / wall, 3)
-                    if wall > 0 and todo
-                    else None,
-                    "write_wait_seconds": round(waited, 3),
-                    "finished": utc_now(),
-                }
-            )
-        return result
+            writer.merge_segments([q.id for q in bench.questions])
+        return finish_run(writer, bench, records, answered=len(todo), wall=wall, waited=waited)
     finally:
         if background is not None:
             with contextlib.suppress(BaseException):
                 background.close()  # on an error path: finish what is queued, keep the first error
         if writer is not None:
             writer.close()
+
+
+def resolve_run_storage(
+    storage: str, n_questions: int, out: str | os.PathLike[str] | None
+) -> Literal["files", "shards"]:
+    """The storage layout of a run: ``auto`` is shards at a URL or above 10,000 questions."""
+    if storage == "auto" and out is not None and is_url(out):
+        return "shards"
+    return resolve_storage(storage, n_questions)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -375,21 +486,21 @@ def _grade_and_record(
     }
 
 
-def _write_args(
-    lm: LoadedModel,
+def write_args(
+    model_name: str,
     bench: Benchmark,
     q: Question,
     a: Answer,
     record: dict[str, Any],
     capture: CaptureSpec | None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments of ``RunWriter.write_sample`` for one answered question."""
+    """The arguments of ``write_sample`` for one answered question."""
     if capture is None:
         return (q.id, record), {}
     meta = SampleMeta(
         prompt=a.prompt,
         response=a.response,
-        model=lm.display_name,
+        model=model_name,
         token_selection=capture.token_selection,
         dtype=capture.dtype,
         extra={

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from actcap.storage.run import ManifestEntry, RunWriter
+from actcap.storage.run import ManifestEntry
+from actcap.storage.writers import SampleWriter
 
 _STOP = object()
 
@@ -24,7 +25,7 @@ class BackgroundWriter:
 
     def __init__(
         self,
-        writer: RunWriter,
+        writer: SampleWriter,
         max_queue: int = 32,
         on_written: Callable[[ManifestEntry], None] | None = None,
     ) -> None:

@@ -24,7 +24,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from actcap.errors import FormatError, UnknownNameError, UnsafeFileError, WriteError
-from actcap.storage.format import FORMAT_NAME, FORMAT_VERSION, ID_TENSORS, SampleMeta
+from actcap.storage.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ID_TENSORS,
+    SHARD_SUFFIX,
+    SampleMeta,
+    ShardSlice,
+)
+from actcap.storage.location import is_url, read_range
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _DTYPE_BYTES = {
@@ -45,6 +53,23 @@ _DTYPE_BYTES = {
     "F64": 8,
 }
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+_TORCH_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+}
 
 
 def site_sort_key(name: str) -> tuple[int, int, str]:
@@ -101,6 +126,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, write)
 
 
+def sample_tensors(
+    label: str,
+    activations: Mapping[str, Tensor],
+    input_ids: Tensor | None,
+    output_ids: Tensor | None,
+) -> dict[str, Tensor]:
+    """The tensors of one sample as stored: sites on the CPU, then the token ids as int64.
+
+    Raises:
+        FormatError: When a site is named like a token-id tensor.
+    """
+    tensors: dict[str, Tensor] = {}
+    for name, t in activations.items():
+        if name in ID_TENSORS:
+            raise FormatError(
+                f"{label}: {name!r} is reserved for token ids and cannot name a site."
+            )
+        tensors[name] = t.detach().to("cpu").contiguous()
+    for name, ids in (("input_ids", input_ids), ("output_ids", output_ids)):
+        if ids is not None:
+            tensors[name] = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    return tensors
+
+
+def encode_sample(
+    label: str,
+    activations: Mapping[str, Tensor],
+    meta: SampleMeta,
+    *,
+    input_ids: Tensor | None = None,
+    output_ids: Tensor | None = None,
+) -> bytes:
+    """One sample as the bytes of a safetensors file (what a shard stores per sample).
+
+    Raises:
+        FormatError: When a site is named like a token-id tensor.
+    """
+    from safetensors.torch import save
+
+    tensors = sample_tensors(label, activations, input_ids, output_ids)
+    return bytes(save(tensors, metadata=meta.to_header()))
+
+
 def save_activations(
     path: str | os.PathLike[str],
     activations: Mapping[str, Tensor],
@@ -129,16 +197,7 @@ def save_activations(
         PosixPath('a.safetensors')
     """
     target = Path(path)
-    tensors: dict[str, Tensor] = {}
-    for name, t in activations.items():
-        if name in ID_TENSORS:
-            raise FormatError(
-                f"{target}: {name!r} is reserved for token ids and cannot name a site."
-            )
-        tensors[name] = t.detach().to("cpu").contiguous()
-    for name, ids in (("input_ids", input_ids), ("output_ids", output_ids)):
-        if ids is not None:
-            tensors[name] = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    tensors = sample_tensors(str(target), activations, input_ids, output_ids)
 
     def write(tmp: str) -> None:
         try:
@@ -161,25 +220,41 @@ def read_header(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FormatError(
-                    f"{path}: file is {'empty' if size == 0 else 'truncated'} ({size} bytes); not an activation file."
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                raise FormatError(
-                    f"{path}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})."
-                )
-            raw = f.read(n)
+            return parse_header(lambda start, n: _read_at(f, start, n), size, str(path))
     except OSError as e:
         raise FormatError(f"{path}: cannot read file ({e.strerror or e}).") from e
+
+
+def _read_at(f: Any, start: int, n: int) -> bytes:
+    f.seek(start)
+    return bytes(f.read(n))
+
+
+def parse_header(read: Callable[[int, int], bytes], size: int, label: str) -> dict[str, Any]:
+    """Read and check a safetensors header through ``read(start, n)`` over ``size`` bytes.
+
+    Every tensor's shape must match its byte span and lie inside the ``size`` bytes.
+
+    Raises:
+        FormatError: When the bytes are empty, truncated, or not a safetensors file.
+    """
+    head = read(0, 8) if size >= 8 else b""
+    if len(head) < 8:
+        raise FormatError(
+            f"{label}: file is {'empty' if size == 0 else 'truncated'} ({size} bytes); not an activation file."
+        )
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or n + 8 > size:
+        raise FormatError(
+            f"{label}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})."
+        )
+    raw = read(8, n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: corrupt safetensors header ({e}).") from e
+        raise FormatError(f"{label}: corrupt safetensors header ({e}).") from e
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object).")
+        raise FormatError(f"{label}: corrupt safetensors header (not a JSON object).")
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -196,20 +271,20 @@ def read_header(path: Path) -> dict[str, Any]:
             and all(isinstance(d, int) and d >= 0 for d in shape)
             and dtype in _DTYPE_BYTES
         ):
-            raise FormatError(f"{path}: corrupt entry for tensor {name!r} in the header.")
+            raise FormatError(f"{label}: corrupt entry for tensor {name!r} in the header.")
         count = math.prod(shape)
         if count * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
             raise FormatError(
-                f"{path}: tensor {name!r} claims shape {shape} ({dtype}) but spans "
+                f"{label}: tensor {name!r} claims shape {shape} ({dtype}) but spans "
                 f"{offsets[1] - offsets[0]} bytes; the header is corrupt."
             )
         end = max(end, offsets[1])
     if 8 + n + end > size:
-        raise FormatError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}.")
+        raise FormatError(f"{label}: truncated: tensors need {8 + n + end} bytes, file has {size}.")
     return header
 
 
-def check_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
+def check_metadata(path: Path | str, header: dict[str, Any]) -> dict[str, str]:
     """Check the actcap metadata of a header and return it.
 
     Files without actcap metadata (plain safetensors) are accepted; a newer format is refused.
@@ -255,25 +330,47 @@ class ActivationFile:
         ...     x = f.get("layer_3")
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open ``path`` and check its header; tensors are not read.
+    def __init__(self, path: str | os.PathLike[str] | ShardSlice) -> None:
+        """Open a file, or one sample inside a shard, and check its header; tensors are not read.
+
+        Args:
+            path: A ``.safetensors`` file, or a :class:`ShardSlice` (a local or fsspec shard).
 
         Raises:
             FormatError: When the file is no valid activation file.
         """
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FormatError(f"{self.path}: no such file.")
-        if self.path.suffix.lower() in _PICKLE_SUFFIXES:
-            raise FormatError(
-                f"{self.path}: a {self.path.suffix} file cannot be read lazily; use load_activations()."
+        self.slice = path if isinstance(path, ShardSlice) else None
+        self._handle: Any = None
+        self._data_start = 0
+        if self.slice is not None:
+            self.path = Path(self.slice.shard)
+            self.label = str(self.slice)
+            part = self.slice
+            self.header = parse_header(
+                lambda start, n: read_range(
+                    part.shard, part.offset + start, part.offset + start + n
+                ),
+                part.length,
+                self.label,
             )
-        self.header = read_header(self.path)
-        self.raw_metadata = check_metadata(self.path, self.header)
-        try:
-            self._handle: Any = safe_open(str(self.path), framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
+            (n,) = struct.unpack("<Q", read_range(part.shard, part.offset, part.offset + 8))
+            self._data_start = part.offset + 8 + n
+        else:
+            self.path = Path(path)  # type: ignore[arg-type]  # not a ShardSlice here
+            self.label = str(self.path)
+            if not self.path.is_file():
+                raise FormatError(f"{self.path}: no such file.")
+            if self.path.suffix.lower() in _PICKLE_SUFFIXES:
+                raise FormatError(
+                    f"{self.path}: a {self.path.suffix} file cannot be read lazily; use load_activations()."
+                )
+            self.header = read_header(self.path)
+        self.raw_metadata = check_metadata(self.label, self.header)
+        if self.slice is None:
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
         self.meta = SampleMeta.from_header(self.raw_metadata)
 
     def __enter__(self) -> ActivationFile:
@@ -309,22 +406,37 @@ class ActivationFile:
         return str(self.header[name]["dtype"])
 
     def get(self, name: str) -> Tensor:
-        """Read one tensor."""
+        """Read one tensor (from a shard: only that tensor's bytes)."""
         self._check_name(name)
+        if self.slice is not None:
+            info = self.header[name]
+            start, end = info["data_offsets"]
+            data = read_range(self.slice.shard, self._data_start + start, self._data_start + end)
+            if len(data) != end - start:
+                raise FormatError(f"{self.label}: tensor {name!r} is truncated in the shard.")
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            if not data:
+                return torch.empty(info["shape"], dtype=dtype)
+            return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"])
         try:
             return self._handle.get_tensor(name)  # type: ignore[no-any-return]
         except (SafetensorError, OSError) as e:
             raise FormatError(f"{self.path}: cannot read tensor {name!r} ({e}).") from e
 
     def get_slice(self, name: str) -> Any:
-        """A sliceable view of one tensor (``f.get_slice("layer_3")[-1]`` reads one row)."""
+        """A sliceable view of one tensor (``f.get_slice("layer_3")[-1]`` reads one row).
+
+        Inside a shard the tensor is read whole and then indexed.
+        """
         self._check_name(name)
+        if self.slice is not None:
+            return self.get(name)
         return self._handle.get_slice(name)
 
     def _check_name(self, name: str) -> None:
         if name not in self.header or name == "__metadata__":
             raise UnknownNameError(
-                f"{self.path}: no site {name!r}. Sites in this file: {', '.join(self.sites)}."
+                f"{self.label}: no site {name!r}. Sites in this file: {', '.join(self.sites)}."
             )
 
     def iter_sites(self, sites: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor]]:
@@ -334,19 +446,22 @@ class ActivationFile:
 
 
 def load_activations(
-    file_path: str | os.PathLike[str],
+    file_path: str | os.PathLike[str] | ShardSlice,
     sites: Sequence[str] | None = None,
     *,
     trust_pickle: bool = False,
+    sample_id: str | None = None,
 ) -> dict[str, Any]:
     """Load an activation file into the dictionary the seed pipeline used.
 
     Args:
-        file_path: A ``.safetensors`` file written by actcap (or any safetensors file), or a
-            ``.pt``/``.pkl`` file written by ``torch.save`` in older pipelines.
+        file_path: A ``.safetensors`` file written by actcap (or any safetensors file), a
+            ``.pt``/``.pkl`` file written by ``torch.save`` in older pipelines, a
+            :class:`ShardSlice`, or a run directory (or URL) together with ``sample_id``.
         sites: Read only these sites (memory-mapped, so one layer of a large file loads fast).
         trust_pickle: Allow a pickle that ``torch.load(weights_only=True)`` refuses. Unpickling
             can run arbitrary code: only pass True for files you made yourself.
+        sample_id: With a run directory (either layout, files or shards), the sample to load.
 
     Returns:
         ``{"prompt", "response", "model", "timestamp", "input_ids", "output_ids",
@@ -355,13 +470,20 @@ def load_activations(
     Raises:
         FormatError: The file is missing, truncated, corrupt or of a newer format.
         UnsafeFileError: A pickle that needs code execution, without ``trust_pickle``.
+        UnknownNameError: ``sample_id`` is not in the run.
     """
-    path = Path(file_path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file.")
-    if _looks_like_pickle(path):
-        return _load_legacy(path, sites, trust_pickle)
-    with ActivationFile(path) as f:
+    source: Path | ShardSlice
+    if isinstance(file_path, ShardSlice):
+        source = file_path
+    elif sample_id is not None or is_url(file_path) or Path(file_path).is_dir():
+        source = _find_in_run(file_path, sample_id)
+    else:
+        source = Path(file_path)
+        if not source.is_file():
+            raise FormatError(f"{source}: no such file.")
+        if _looks_like_pickle(source):
+            return _load_legacy(source, sites, trust_pickle)
+    with ActivationFile(source) as f:
         wanted = list(sites) if sites is not None else f.sites
         acts = dict(f.iter_sites(wanted))
         meta = f.meta
@@ -379,6 +501,26 @@ def load_activations(
         "activations": acts,
         "metadata": {**raw, "extra": meta.extra},
     }
+
+
+def _find_in_run(root: str | os.PathLike[str], sample_id: str | None) -> Path | ShardSlice:
+    """Where one sample of a run lies (the run may be local or at a URL, files or shards)."""
+    from actcap.storage.run import open_run  # run.py builds on this module
+
+    if sample_id is None:
+        raise FormatError(
+            f"{os.fspath(root)}: a run holds many samples; pass sample_id= to choose one "
+            "(actcap inspect RUN lists them)."
+        )
+    text = os.fspath(root)
+    if not is_url(text) and Path(text).is_file() and Path(text).suffix == SHARD_SUFFIX:
+        text = str(Path(text).parent.parent)  # a shard inside RUN/shards/
+    info = open_run(text)
+    entry = info.find(sample_id)
+    source = entry.source(info.root)
+    if source is None:
+        raise FormatError(f"{text}: sample {sample_id!r} was run without capture; no activations.")
+    return source
 
 
 def _looks_like_pickle(path: Path) -> bool:

@@ -9,6 +9,7 @@ when the answer was generated, ``output_ids``; string metadata in the safetensor
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,3 +73,31 @@ class SampleMeta:
             dtype=header.get("dtype", ""),
             extra=extra if isinstance(extra, dict) else {"value": extra},
         )
+
+
+SHARD_SUFFIX = ".shard"
+"""A shard: many samples' safetensors blobs one after another (see :mod:`actcap.storage.shards`)."""
+
+
+@dataclass(frozen=True)
+class ShardSlice:
+    """Where one sample lies inside a shard: the shard (a path or URL) and a byte range.
+
+    The bytes ``[offset, offset + length)`` are a whole safetensors file of that sample, so any
+    safetensors reader takes them: ``safetensors.torch.load(f.read(length))`` after a seek.
+    """
+
+    shard: str
+    """The shard file: a local path or an fsspec URL."""
+    offset: int
+    """Where the sample's bytes begin."""
+    length: int
+    """How many bytes it has."""
+
+    def __str__(self) -> str:
+        """``shard@offset`` (used in messages)."""
+        return f"{self.shard}@{self.offset}"
+
+
+SampleSource = str | os.PathLike[str] | ShardSlice
+"""Where one sample's activations are: a file, or a slice of a shard."""

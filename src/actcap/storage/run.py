@@ -3,13 +3,19 @@
     run/
       run.json          config: model, benchmark, capture spec, versions, start time
       manifest.jsonl    one line per finished sample, appended and fsynced after its file is in place
-      samples/          one activation file per sample
+      manifests/        one manifest segment per extra writer (a Ray actor), merged at the end
+      samples/          one activation file per sample (layout "files")
+      shards/           many samples per file, ~1 GB each (layout "shards")
       results.json      accuracy overall and per category, written at the end
       .lock             held (flock) while a process writes
 
 A sample is done when its manifest line exists: its file is written under a temporary name and
-renamed first, so a crash at any instant leaves every sample whole or absent. The lock is an
-``flock`` that the kernel releases when its process dies, so a killed run never blocks a resume.
+renamed first (or its bytes are appended to a shard and fsynced), so a crash at any instant leaves
+every sample whole or absent. The manifest lines are the index: for a shard they carry the shard,
+offset and length of the sample's bytes. The lock is an ``flock`` that the kernel releases when
+its process dies, so a killed run never blocks a resume. Extra writers (Ray actors, each with its
+own id) write their own segment under ``manifests/`` and their own shards; readers take the union
+of all manifests, first line per id wins, so a sample written twice (a retried batch) counts once.
 """
 
 from __future__ import annotations
@@ -20,24 +26,62 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
-from actcap.errors import FormatError, RunError
-from actcap.storage.files import atomic_write_bytes, fsync_dir, save_activations
-from actcap.storage.format import FORMAT_VERSION, SUFFIX, SampleMeta
+from actcap.errors import FormatError, RunError, UnknownNameError
+from actcap.storage.files import atomic_write_bytes, encode_sample, fsync_dir, save_activations
+from actcap.storage.format import FORMAT_VERSION, SHARD_SUFFIX, SUFFIX, SampleMeta, ShardSlice
+from actcap.storage.location import (
+    PathOrUrl,
+    exists,
+    is_url,
+    join,
+    list_names,
+    local_path,
+    read_bytes,
+)
+from actcap.storage.shards import ShardAppender
 
 RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
+MANIFESTS = "manifests"
 RESULTS = "results.json"
 SAMPLES = "samples"
+SHARDS = "shards"
 LOCK = ".lock"
 RUN_FORMAT_VERSION = 1
+SHARD_BYTES = 1 << 30
+"""Shards are closed and a new one begun once they reach this size (1 GiB)."""
+AUTO_SHARD_SAMPLES = 10_000
+"""``storage="auto"`` picks shards for runs of more questions than this."""
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+Storage = Literal["files", "shards", "auto"]
+"""One file per sample, many samples per shard, or shards above :data:`AUTO_SHARD_SAMPLES`."""
+
+
+def resolve_storage(storage: str, n_samples: int) -> Literal["files", "shards"]:
+    """The layout a run gets: ``auto`` means shards above :data:`AUTO_SHARD_SAMPLES` samples.
+
+    Raises:
+        RunError: For an unknown layout name.
+    """
+    if storage == "auto":
+        return "shards" if n_samples > AUTO_SHARD_SAMPLES else "files"
+    if storage not in ("files", "shards"):
+        raise RunError(f"Unknown storage layout {storage!r}; use files, shards or auto.")
+    return storage  # type: ignore[return-value]
+
+
+def new_writer_id() -> str:
+    """A short id that no other writer of any run shares (names its shards and segment)."""
+    return uuid.uuid4().hex[:12]
 
 
 def sample_filename(sample_id: str) -> str:
@@ -64,6 +108,15 @@ class ManifestEntry:
     record: dict[str, Any]
     """The whole line: question, response, reference, correct, score, category, token counts."""
 
+    def source(self, root: PathOrUrl) -> Path | ShardSlice | None:
+        """Where the sample's activations are: a file, a slice of a shard, or nowhere."""
+        if self.file is None:
+            return None
+        offset, length = self.record.get("offset"), self.record.get("length")
+        if isinstance(offset, int) and isinstance(length, int):
+            return ShardSlice(join(os.fspath(root), self.file), offset, length)
+        return local_path(root) / self.file
+
     @property
     def correct(self) -> bool | None:
         """The grade, when the sample was graded."""
@@ -79,8 +132,17 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     """
     if not path.exists():
         return []
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, label: str) -> list[ManifestEntry]:
+    """Parse manifest bytes; a torn last line (a crash mid-append) is dropped.
+
+    Raises:
+        FormatError: For a corrupt line that is not the last.
+    """
     entries: list[ManifestEntry] = []
-    lines = path.read_bytes().split(b"\n")
+    lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -91,10 +153,70 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
         except (ValueError, UnicodeDecodeError) as e:
             if number == len(lines) or (number == len(lines) - 1 and not lines[-1].strip()):
                 break  # torn final append: that sample is simply not done
-            raise FormatError(f"{path}: line {number} is corrupt ({e}).") from e
+            raise FormatError(f"{label}: line {number} is corrupt ({e}).") from e
         file = record.get("file")
         entries.append(ManifestEntry(record["id"], file if isinstance(file, str) else None, record))
     return entries
+
+
+def manifest_names(root: PathOrUrl) -> list[str]:
+    """Every manifest of a run, relative to it: ``manifest.jsonl``, then the segments by name."""
+    text = os.fspath(root)
+    return [MANIFEST] + [f"{MANIFESTS}/{n}" for n in list_names(join(text, MANIFESTS), ".jsonl")]
+
+
+def read_all_manifests(root: PathOrUrl) -> list[ManifestEntry]:
+    """The union of a run's manifests; the first line of each id wins (later ones are retries).
+
+    Raises:
+        FormatError: For a corrupt line that is not the last of its manifest.
+    """
+    text = os.fspath(root)
+    seen: dict[str, ManifestEntry] = {}
+    for name in manifest_names(text):
+        location = join(text, name)
+        if is_url(text):
+            if not exists(location):
+                continue
+            data = read_bytes(location)
+        else:
+            p = local_path(location)
+            if not p.exists():
+                continue
+            data = p.read_bytes()
+        for e in parse_manifest(data, location):
+            seen.setdefault(e.id, e)
+    return list(seen.values())
+
+
+class DoneIndex:
+    """The ids finished by any writer of a local run, kept current by reading only new bytes.
+
+    A Ray actor calls :meth:`refresh` before each batch, so a batch retried after another actor
+    died skips the samples that actor finished.
+    """
+
+    def __init__(self, root: Path) -> None:
+        """Index ``root``'s manifests (read on the first :meth:`refresh`)."""
+        self.root = root
+        self.ids: set[str] = set()
+        self._offsets: dict[str, int] = {}
+
+    def refresh(self) -> set[str]:
+        """Read what was appended to any manifest since the last call; return all done ids."""
+        for name in manifest_names(self.root):
+            path = self.root / name
+            start = self._offsets.get(name, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being appended waits
+            self.ids.update(e.id for e in parse_manifest(complete, str(path)))
+            self._offsets[name] = start + len(complete)
+        return self.ids
 
 
 def _cut_torn_line(path: Path) -> None:
@@ -111,24 +233,44 @@ def _cut_torn_line(path: Path) -> None:
 
 
 class RunWriter:
-    """Writes one run directory; holds its lock from :meth:`open` to :meth:`close`.
+    """Writes one run directory; the main writer holds its lock from :meth:`open` to :meth:`close`.
 
     Example:
         >>> with RunWriter.open("runs/x", config, resume=False) as run:
-        ...     run.write_sample("q1", acts, meta, record)
+        ...     run.write_sample("q1", record, acts, meta)
     """
 
-    def __init__(self, root: Path, lock_fd: int) -> None:
-        """Use :meth:`open`."""
+    def __init__(
+        self,
+        root: Path,
+        lock_fd: int,
+        *,
+        storage: Literal["files", "shards"] = "files",
+        shard_bytes: int = SHARD_BYTES,
+        writer_id: str | None = None,
+    ) -> None:
+        """Use :meth:`open` (the run's main writer) or :meth:`attach` (an extra writer)."""
         self.root = root
         self._lock_fd = lock_fd
-        _cut_torn_line(root / MANIFEST)
-        self._manifest = open(root / MANIFEST, "ab")  # noqa: SIM115 - closed in close()
-        self.done: dict[str, ManifestEntry] = {e.id: e for e in read_manifest(root / MANIFEST)}
+        self.storage: str = storage
+        self.writer_id = writer_id or new_writer_id()
+        self.manifest_name = MANIFEST if lock_fd >= 0 else f"{MANIFESTS}/{self.writer_id}.jsonl"
+        manifest = root / self.manifest_name
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_line(manifest)
+        self._manifest = open(manifest, "ab")  # noqa: SIM115 - closed in close()
+        self.done: dict[str, ManifestEntry] = {e.id: e for e in read_all_manifests(root)}
+        self._shards = ShardAppender(root / SHARDS, self.writer_id, shard_bytes)
 
     @classmethod
     def open(
-        cls, root: str | os.PathLike[str], config: Mapping[str, Any], *, resume: bool = False
+        cls,
+        root: str | os.PathLike[str],
+        config: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        storage: Literal["files", "shards"] = "files",
+        shard_bytes: int = SHARD_BYTES,
     ) -> RunWriter:
         """Create or resume a run directory and take its lock.
 
@@ -137,12 +279,15 @@ class RunWriter:
             config: What this run does (model, benchmark, capture, ...), stored in ``run.json``.
                 A resumed run must have the same ``model``, ``benchmark`` and ``capture``.
             resume: Continue a run that has finished samples.
+            storage: One file per sample, or shards of about ``shard_bytes`` each. A resumed
+                run may change it: every manifest line says where its sample is.
+            shard_bytes: Size at which a shard is closed and the next begun.
 
         Raises:
             RunError: When another process holds the lock, the directory holds another run, or
                 it has samples and ``resume`` is False.
         """
-        path = Path(root)
+        path = local_path(root)
         try:
             (path / SAMPLES).mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -164,54 +309,56 @@ class RunWriter:
         try:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
-            cls._check_config(path, config, resume)
-            writer = cls(path, lock_fd)
+            record = check_run_config(path, config, resume, bool(read_all_manifests(path)))
+            if record is not None:
+                atomic_write_bytes(path / RUN_FILE, record)
+            writer = cls(path, lock_fd, storage=storage, shard_bytes=shard_bytes)
         except BaseException:
             os.close(lock_fd)  # releases the flock
             raise
         writer.cleanup_leftovers()
         return writer
 
-    @staticmethod
-    def _check_config(path: Path, config: Mapping[str, Any], resume: bool) -> None:
-        run_file = path / RUN_FILE
-        has_samples = bool(read_manifest(path / MANIFEST))
-        if run_file.exists():
-            try:
-                old = json.loads(run_file.read_text())
-            except (OSError, ValueError) as e:
-                raise RunError(f"{run_file}: unreadable ({e}); choose another --out.") from e
-            if has_samples and not resume:
-                raise RunError(
-                    f"{path}: this run already has finished samples. Pass --resume to continue it, "
-                    "or choose another --out."
-                )
-            for key in ("model", "benchmark", "capture"):
-                if resume and has_samples and old.get(key) != config.get(key):
-                    raise RunError(
-                        f"{path}: cannot resume: {key} differs from the run's "
-                        f"({old.get(key)!r} != {config.get(key)!r}). Use the same options, or another --out."
-                    )
-            if resume and has_samples:
-                return  # keep the original run.json (its start time, its versions)
-        record = {
-            "run_format_version": RUN_FORMAT_VERSION,
-            "format_version": FORMAT_VERSION,
-            **config,
-        }
-        atomic_write_bytes(
-            run_file, json.dumps(record, indent=2, ensure_ascii=False, default=str).encode()
-        )
+    @classmethod
+    def attach(
+        cls,
+        root: str | os.PathLike[str],
+        writer_id: str,
+        *,
+        storage: Literal["files", "shards"] = "files",
+        shard_bytes: int = SHARD_BYTES,
+    ) -> RunWriter:
+        """An extra writer of a run whose main writer (holding the lock) is open elsewhere.
+
+        It appends to its own segment ``manifests/<writer_id>.jsonl`` and its own shards, so
+        extra writers never share a file; the main writer merges the segments at the end.
+
+        Raises:
+            RunError: When the run directory does not exist or cannot be written.
+        """
+        path = local_path(root)
+        if not (path / RUN_FILE).is_file():
+            raise RunError(f"{path}: not a run directory (no {RUN_FILE}); open it first.")
+        try:
+            return cls(path, -1, storage=storage, shard_bytes=shard_bytes, writer_id=writer_id)
+        except OSError as e:
+            raise RunError(f"{path}: cannot write the run directory ({e.strerror or e}).") from e
 
     def cleanup_leftovers(self) -> list[Path]:
-        """Remove temporary files and sample files without a manifest line (a crash's leftovers)."""
+        """Remove temporary files, and sample files or shards no manifest names (a crash's leftovers).
+
+        Only the main writer calls this, when no extra writer is running.
+        """
         removed = []
         listed = {e.file for e in self.done.values() if e.file}
-        for p in (self.root / SAMPLES).iterdir():
-            rel = f"{SAMPLES}/{p.name}"
-            if p.name.endswith(".tmp") or (p.suffix == SUFFIX and rel not in listed):
-                p.unlink(missing_ok=True)
-                removed.append(p)
+        for folder, suffix in ((SAMPLES, SUFFIX), (SHARDS, SHARD_SUFFIX)):
+            if not (self.root / folder).is_dir():
+                continue
+            for p in (self.root / folder).iterdir():
+                rel = f"{folder}/{p.name}"
+                if p.name.endswith(".tmp") or (p.name.endswith(suffix) and rel not in listed):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
         for p in self.root.glob(".*.tmp"):
             p.unlink(missing_ok=True)
             removed.append(p)
@@ -231,7 +378,7 @@ class RunWriter:
         input_ids: Tensor | None = None,
         output_ids: Tensor | None = None,
     ) -> ManifestEntry:
-        """Write a sample's activation file (if any), then append its manifest line.
+        """Write a sample's activations (a file, or bytes in a shard), then its manifest line.
 
         Raises:
             RunError: When the sample is already done, or the disk is full or unwritable.
@@ -239,16 +386,29 @@ class RunWriter:
         if sample_id in self.done:
             raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
         rel: str | None = None
+        where: dict[str, int] = {}
         try:
             if activations is not None and meta is not None:
-                rel = f"{SAMPLES}/{sample_filename(sample_id)}"
-                save_activations(
-                    self.root / rel, activations, meta, input_ids=input_ids, output_ids=output_ids
-                )
+                if self.storage == "shards":
+                    data = encode_sample(
+                        sample_id, activations, meta, input_ids=input_ids, output_ids=output_ids
+                    )
+                    name, offset, length = self._shards.append(data)
+                    rel, where = f"{SHARDS}/{name}", {"offset": offset, "length": length}
+                else:
+                    rel = f"{SAMPLES}/{sample_filename(sample_id)}"
+                    save_activations(
+                        self.root / rel,
+                        activations,
+                        meta,
+                        input_ids=input_ids,
+                        output_ids=output_ids,
+                    )
             line = {
                 "id": sample_id,
                 "file": rel,
-                **{k: v for k, v in record.items() if k not in ("id", "file")},
+                **where,
+                **{k: v for k, v in record.items() if k not in ("id", "file", "offset", "length")},
             }
             data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
             self._manifest.write(data)
@@ -268,21 +428,60 @@ class RunWriter:
         """After a failed append, cut any partial line so the manifest stays whole."""
         with contextlib.suppress(OSError):
             self._manifest.close()
-        path = self.root / MANIFEST
+        path = self.root / self.manifest_name
         with contextlib.suppress(OSError):
             _cut_torn_line(path)
         self._manifest = open(path, "ab")  # noqa: SIM115
 
-    def write_results(self, results: Mapping[str, Any]) -> Path:
+    def flush(self) -> None:
+        """Nothing to do: every sample is durable once written (object-store writers differ)."""
+
+    def merge_segments(self, order: Iterable[str] | None = None) -> int:
+        """Fold every writer's segment into ``manifest.jsonl``, one line per id, and remove them.
+
+        Call this on the main writer once the extra writers are done. The merged manifest is
+        written whole and renamed into place before any segment is removed, so a crash at any
+        point leaves every sample listed (at worst twice, which readers fold into one).
+
+        Args:
+            order: Sample ids in the order the manifest should list them; others follow.
+
+        Returns:
+            The number of samples in the merged manifest.
+        """
+        if self._lock_fd < 0:
+            raise RunError(f"{self.root}: only the run's main writer merges manifests.")
+        entries = read_all_manifests(self.root)
+        by_id = {e.id: e for e in entries}
+        ordered = [by_id.pop(i) for i in order or () if i in by_id]
+        ordered += [e for e in entries if e.id in by_id]
+        segments = [n for n in manifest_names(self.root) if n != MANIFEST]
+        if not segments:
+            return len(ordered)
+        data = b"".join(
+            (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
+        )
+        with contextlib.suppress(OSError):
+            self._manifest.close()
+        atomic_write_bytes(self.root / MANIFEST, data)
+        self._manifest = open(self.root / MANIFEST, "ab")  # noqa: SIM115
+        for name in segments:
+            (self.root / name).unlink(missing_ok=True)
+        fsync_dir(self.root / MANIFESTS)
+        self.done = {e.id: e for e in ordered}
+        return len(ordered)
+
+    def write_results(self, results: Mapping[str, Any]) -> str:
         """Write ``results.json`` atomically."""
         path = self.root / RESULTS
         atomic_write_bytes(path, json.dumps(results, indent=2, ensure_ascii=False).encode())
-        return path
+        return str(path)
 
     def close(self) -> None:
-        """Close the manifest and release the lock."""
+        """Close the manifest and shards, and release the lock."""
         with contextlib.suppress(OSError):
             self._manifest.close()
+        self._shards.close()
         fsync_dir(self.root / SAMPLES)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -297,39 +496,87 @@ class RunWriter:
         self.close()
 
 
+def check_run_config(
+    root: PathOrUrl, config: Mapping[str, Any], resume: bool, has_samples: bool
+) -> bytes | None:
+    """Check a run's config against its ``run.json``; the new ``run.json`` to write, or None.
+
+    Raises:
+        RunError: When the run has samples and ``resume`` is False, or differs in model,
+            benchmark or capture.
+    """
+    text = os.fspath(root)
+    run_file = join(text, RUN_FILE)
+    if exists(run_file):
+        try:
+            old = json.loads(read_bytes(run_file))
+        except (FormatError, ValueError) as e:
+            raise RunError(f"{run_file}: unreadable ({e}); choose another --out.") from e
+        if has_samples and not resume:
+            raise RunError(
+                f"{text}: this run already has finished samples. Pass --resume to continue it, "
+                "or choose another --out."
+            )
+        for key in ("model", "benchmark", "capture"):
+            if resume and has_samples and old.get(key) != config.get(key):
+                raise RunError(
+                    f"{text}: cannot resume: {key} differs from the run's "
+                    f"({old.get(key)!r} != {config.get(key)!r}). Use the same options, or another --out."
+                )
+        if resume and has_samples:
+            return None  # keep the original run.json (its start time, its versions)
+    record = {"run_format_version": RUN_FORMAT_VERSION, "format_version": FORMAT_VERSION, **config}
+    return json.dumps(record, indent=2, ensure_ascii=False, default=str).encode()
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """A run directory as read back: config, finished samples, results."""
 
-    root: Path
-    """The directory."""
+    root: Path | str
+    """The directory: a path, or an fsspec URL."""
     config: dict[str, Any]
     """``run.json``."""
     entries: list[ManifestEntry]
-    """Finished samples, in the order they were written."""
+    """Finished samples, in the order they were written (one per id, over all manifests)."""
     results: dict[str, Any] | None
     """``results.json`` when the run finished."""
 
-    def sample_paths(self) -> Iterator[tuple[ManifestEntry, Path]]:
-        """Each finished sample with its activation file."""
+    def sample_paths(self) -> Iterator[tuple[ManifestEntry, Path | ShardSlice]]:
+        """Each finished sample with where its activations are (a file or a slice of a shard)."""
         for e in self.entries:
-            if e.file:
-                yield e, self.root / e.file
+            source = e.source(self.root)
+            if source is not None:
+                yield e, source
+
+    def find(self, sample_id: str) -> ManifestEntry:
+        """The manifest entry of one sample.
+
+        Raises:
+            UnknownNameError: When the run has no such sample.
+        """
+        for e in self.entries:
+            if e.id == sample_id:
+                return e
+        shown = ", ".join(e.id for e in self.entries[:5])
+        raise UnknownNameError(
+            f"{self.root}: no sample {sample_id!r} in this run ({len(self.entries)} samples: {shown}, ...)."
+        )
 
 
-def open_run(root: str | os.PathLike[str]) -> RunInfo:
-    """Read a run directory (without taking its lock: readers never block writers).
+def open_run(root: PathOrUrl) -> RunInfo:
+    """Read a run directory or URL (without taking its lock: readers never block writers).
 
     Raises:
         FormatError: When the directory is no run, or its records are unreadable or newer.
     """
-    path = Path(root)
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        raise FormatError(f"{path}: not a run directory (no {RUN_FILE}).")
+    text = os.fspath(root)
+    run_file = join(text, RUN_FILE)
+    if not exists(run_file) or (not is_url(text) and not local_path(run_file).is_file()):
+        raise FormatError(f"{text}: not a run directory (no {RUN_FILE}).")
     try:
-        config = json.loads(run_file.read_text())
-    except (OSError, ValueError) as e:
+        config = json.loads(read_bytes(run_file))
+    except ValueError as e:
         raise FormatError(f"{run_file}: unreadable ({e}).") from e
     version = config.get("run_format_version", 1)
     if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
@@ -337,9 +584,11 @@ def open_run(root: str | os.PathLike[str]) -> RunInfo:
             f"{run_file}: run_format_version {version!r} is newer than supported ({RUN_FORMAT_VERSION}); upgrade actcap."
         )
     results = None
-    if (path / RESULTS).is_file():
+    results_file = join(text, RESULTS)
+    if exists(results_file):
         try:
-            results = json.loads((path / RESULTS).read_text())
+            results = json.loads(read_bytes(results_file))
         except ValueError as e:
-            raise FormatError(f"{path / RESULTS}: unreadable ({e}).") from e
-    return RunInfo(path, config, read_manifest(path / MANIFEST), results)
+            raise FormatError(f"{results_file}: unreadable ({e}).") from e
+    path: Path | str = text if is_url(text) else local_path(text)
+    return RunInfo(path, config, read_all_manifests(text), results)

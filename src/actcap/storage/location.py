@@ -1,0 +1,109 @@
+"""Where a run lives: a local folder, written with POSIX durability, or an fsspec URL.
+
+Local paths (and ``file://`` URLs, which are turned into paths) get the full guarantees: atomic
+renames, ``fsync`` and an ``flock``. Any other URL (``s3://``, ``gs://``, ``memory://``, ...) is
+read and written through fsspec, where each object is written whole and becomes visible when its
+write completes; see :mod:`actcap.storage.remote`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from actcap.errors import FormatError
+
+PathOrUrl = str | os.PathLike[str]
+
+
+def is_url(location: PathOrUrl) -> bool:
+    """Whether ``location`` is an fsspec URL other than ``file://``."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: PathOrUrl) -> Path:
+    """The local path of a path or ``file://`` URL."""
+    text = os.fspath(location)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def url_fs(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for a URL.
+
+    Raises:
+        FormatError: When fsspec does not know the URL's protocol (its package is missing).
+    """
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise FormatError(
+            f"{url}: cannot open this URL ({e}). Install the fsspec backend for its protocol "
+            "(e.g. s3fs for s3://, gcsfs for gs://)."
+        ) from e
+    return fs, str(path)
+
+
+def join(location: str, *parts: str) -> str:
+    """Join a URL or path with relative parts using ``/``."""
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def read_range(location: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a local file or a URL.
+
+    Raises:
+        FormatError: When the file cannot be read.
+    """
+    try:
+        if is_url(location):
+            fs, path = url_fs(location)
+            return bytes(fs.cat_file(path, start=start, end=end))
+        with open(local_path(location), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{location}: cannot read bytes {start}-{end} ({e}).") from e
+
+
+def exists(location: str) -> bool:
+    """Whether a local file or URL exists."""
+    if is_url(location):
+        fs, path = url_fs(location)
+        return bool(fs.exists(path))
+    return local_path(location).exists()
+
+
+def read_bytes(location: str) -> bytes:
+    """A whole local file or object.
+
+    Raises:
+        FormatError: When it cannot be read.
+    """
+    try:
+        if is_url(location):
+            fs, path = url_fs(location)
+            return bytes(fs.cat_file(path))
+        return local_path(location).read_bytes()
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{location}: cannot read ({e}).") from e
+
+
+def list_names(location: str, suffix: str) -> list[str]:
+    """Names (not paths) in a folder ending in ``suffix``, sorted; empty when it does not exist."""
+    if is_url(location):
+        fs, path = url_fs(location)
+        if not fs.exists(path):
+            return []
+        return sorted(
+            os.path.basename(p.rstrip("/"))
+            for p in fs.ls(path, detail=False)
+            if str(p).endswith(suffix)
+        )
+    folder = local_path(location)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(suffix))

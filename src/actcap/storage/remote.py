@@ -1,0 +1,210 @@
+"""Writing a run to an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...): shards only.
+
+Object stores have no append, no rename and no lock, so the unit of durability is a shard: a
+writer streams samples into one object and, once that object is complete (its write closed),
+writes a manifest segment object listing the samples in it. A sample is done when it is listed;
+a crash loses at most the open shard, whose samples a resume answers again. Each writer has its
+own id, so writers never write the same object; readers take the union of all manifests.
+
+There is no lock on a URL: run one driver per output URL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from actcap.errors import RunError
+from actcap.storage.files import encode_sample
+from actcap.storage.format import SampleMeta
+from actcap.storage.location import join, url_fs
+from actcap.storage.run import (
+    MANIFEST,
+    MANIFESTS,
+    RESULTS,
+    RUN_FILE,
+    SHARD_BYTES,
+    SHARDS,
+    ManifestEntry,
+    check_run_config,
+    manifest_names,
+    new_writer_id,
+    read_all_manifests,
+)
+from actcap.storage.shards import shard_name
+
+
+class RemoteRunWriter:
+    """Writes a run at an fsspec URL, one shard object and one manifest segment at a time."""
+
+    def __init__(
+        self, url: str, *, writer_id: str | None = None, shard_bytes: int = SHARD_BYTES
+    ) -> None:
+        """Use :meth:`open` (the driver) or :meth:`attach` (an extra writer)."""
+        self.root = url.rstrip("/")
+        self.storage = "shards"
+        self.writer_id = writer_id or new_writer_id()
+        self.shard_bytes = shard_bytes
+        self._fs, self._path = url_fs(self.root)
+        self.done: dict[str, ManifestEntry] = {e.id: e for e in read_all_manifests(self.root)}
+        self._sequence = -1
+        self._file: Any = None
+        self._size = 0
+        self._pending: list[dict[str, Any]] = []
+        self._segments = 0
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        config: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> RemoteRunWriter:
+        """Create or resume a run at ``url`` (see :meth:`actcap.storage.run.RunWriter.open`).
+
+        Raises:
+            RunError: When the URL holds another run, or has samples and ``resume`` is False.
+        """
+        root = url.rstrip("/")
+        fs, path = url_fs(root)
+        record = check_run_config(root, config, resume, bool(read_all_manifests(root)))
+        try:
+            fs.makedirs(path, exist_ok=True)
+            if record is not None:
+                fs.pipe_file(f"{path}/{RUN_FILE}", record)
+        except OSError as e:
+            raise RunError(f"{root}: cannot write ({e}).") from e
+        return cls(root, shard_bytes=shard_bytes)
+
+    @classmethod
+    def attach(cls, url: str, writer_id: str, *, shard_bytes: int = SHARD_BYTES) -> RemoteRunWriter:
+        """An extra writer (a Ray actor) of a run the driver opened."""
+        return cls(url, writer_id=writer_id, shard_bytes=shard_bytes)
+
+    def is_done(self, sample_id: str) -> bool:
+        """Whether the sample is listed in a manifest (or waits in this writer's open shard)."""
+        return sample_id in self.done or any(p["id"] == sample_id for p in self._pending)
+
+    def write_sample(
+        self,
+        sample_id: str,
+        record: Mapping[str, Any],
+        activations: Mapping[str, Tensor] | None = None,
+        meta: SampleMeta | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        output_ids: Tensor | None = None,
+    ) -> ManifestEntry:
+        """Add a sample to the open shard; it is done once the shard is sealed (:meth:`flush`).
+
+        Raises:
+            RunError: When the sample is already done or the object cannot be written.
+        """
+        if self.is_done(sample_id):
+            raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
+        rel: str | None = None
+        where: dict[str, int] = {}
+        try:
+            if activations is not None and meta is not None:
+                data = encode_sample(
+                    sample_id, activations, meta, input_ids=input_ids, output_ids=output_ids
+                )
+                if self._file is None:
+                    self._sequence += 1
+                    self._fs.makedirs(f"{self._path}/{SHARDS}", exist_ok=True)
+                    name = shard_name(self.writer_id, self._sequence)
+                    self._file = self._fs.open(f"{self._path}/{SHARDS}/{name}", "wb")
+                    self._size = 0
+                rel = f"{SHARDS}/{shard_name(self.writer_id, self._sequence)}"
+                where = {"offset": self._size, "length": len(data)}
+                self._file.write(data)
+                self._size += len(data)
+        except OSError as e:
+            raise RunError(f"{self.root}: cannot write sample {sample_id!r} ({e}).") from e
+        line = {
+            "id": sample_id,
+            "file": rel,
+            **where,
+            **{k: v for k, v in record.items() if k not in ("id", "file", "offset", "length")},
+        }
+        self._pending.append(line)
+        if self._file is None or self._size >= self.shard_bytes:
+            self.flush()
+        return ManifestEntry(sample_id, rel, line)
+
+    def flush(self) -> None:
+        """Seal the open shard: complete its object, then list its samples in a new segment.
+
+        Raises:
+            RunError: When an object cannot be written (the shard's samples are then not done).
+        """
+        if not self._pending:
+            return
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._segments += 1
+            segment = f"{self._path}/{MANIFESTS}/{self.writer_id}-{self._segments:05d}.jsonl"
+            self._fs.makedirs(f"{self._path}/{MANIFESTS}", exist_ok=True)
+            data = b"".join(
+                (json.dumps(p, ensure_ascii=False, default=str) + "\n").encode()
+                for p in self._pending
+            )
+            self._fs.pipe_file(segment, data)
+        except OSError as e:
+            raise RunError(f"{self.root}: cannot seal a shard ({e}).") from e
+        for p in self._pending:
+            self.done[p["id"]] = ManifestEntry(p["id"], p["file"], p)
+        self._pending = []
+
+    def merge_segments(self, order: Iterable[str] | None = None) -> int:
+        """Fold the segments into ``manifest.jsonl`` (written whole), then remove them."""
+        self.flush()
+        entries = read_all_manifests(self.root)
+        by_id = {e.id: e for e in entries}
+        ordered = [by_id.pop(i) for i in order or () if i in by_id]
+        ordered += [e for e in entries if e.id in by_id]
+        segments = [n for n in manifest_names(self.root) if n != MANIFEST]
+        data = b"".join(
+            (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
+        )
+        try:
+            self._fs.pipe_file(f"{self._path}/{MANIFEST}", data)
+            for name in segments:
+                self._fs.rm(f"{self._path}/{name}")
+        except OSError as e:
+            raise RunError(f"{self.root}: cannot merge the manifests ({e}).") from e
+        self.done = {e.id: e for e in ordered}
+        return len(ordered)
+
+    def write_results(self, results: Mapping[str, Any]) -> str:
+        """Write ``results.json``."""
+        target = join(self.root, RESULTS)
+        self._fs.pipe_file(
+            f"{self._path}/{RESULTS}", json.dumps(results, indent=2, ensure_ascii=False).encode()
+        )
+        return target
+
+    def close(self) -> None:
+        """Seal the open shard."""
+        self.flush()
+
+    def abandon(self) -> None:
+        """Drop the open shard without sealing it (what a crash does; tests use it)."""
+        if self._file is not None:
+            self._file = None
+        self._pending = []
+
+    def __enter__(self) -> RemoteRunWriter:
+        """Use as a context manager."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Seal the open shard."""
+        self.close()

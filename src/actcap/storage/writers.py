@@ -1,0 +1,92 @@
+"""Choosing a run writer: a local run directory or an fsspec URL, the main writer or an extra one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Protocol
+
+from torch import Tensor
+
+from actcap.errors import RunError
+from actcap.storage.format import SampleMeta
+from actcap.storage.location import PathOrUrl, is_url
+from actcap.storage.run import SHARD_BYTES, ManifestEntry, RunWriter
+
+
+class SampleWriter(Protocol):
+    """What the evaluation runner needs of a run writer (local or remote)."""
+
+    root: Any
+    storage: str
+    writer_id: str
+    done: dict[str, ManifestEntry]
+
+    def write_sample(
+        self,
+        sample_id: str,
+        record: Mapping[str, Any],
+        activations: Mapping[str, Tensor] | None = None,
+        meta: SampleMeta | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        output_ids: Tensor | None = None,
+    ) -> ManifestEntry:
+        """Write one sample."""
+        ...
+
+    def flush(self) -> None:
+        """Make every written sample durable."""
+        ...
+
+    def merge_segments(self, order: Iterable[str] | None = None) -> int:
+        """Fold extra writers' manifests into the main one."""
+        ...
+
+    def write_results(self, results: Mapping[str, Any]) -> str:
+        """Write ``results.json``."""
+        ...
+
+    def close(self) -> None:
+        """Finish writing."""
+        ...
+
+
+def open_writer(
+    out: PathOrUrl,
+    config: Mapping[str, Any],
+    *,
+    resume: bool = False,
+    storage: Literal["files", "shards"] = "files",
+    shard_bytes: int = SHARD_BYTES,
+) -> SampleWriter:
+    """The main writer of a run: a local directory (locked) or an fsspec URL (shards only).
+
+    Raises:
+        RunError: For one-file-per-sample storage at a URL, or what the writer raises.
+    """
+    if is_url(out):
+        if storage != "shards":
+            raise RunError(
+                f"{os.fspath(out)}: a URL takes sharded storage only (objects cannot be renamed "
+                "or appended to); pass --storage shards."
+            )
+        from actcap.storage.remote import RemoteRunWriter
+
+        return RemoteRunWriter.open(os.fspath(out), config, resume=resume, shard_bytes=shard_bytes)
+    return RunWriter.open(out, config, resume=resume, storage=storage, shard_bytes=shard_bytes)
+
+
+def attach_writer(
+    out: PathOrUrl,
+    writer_id: str,
+    *,
+    storage: Literal["files", "shards"] = "files",
+    shard_bytes: int = SHARD_BYTES,
+) -> SampleWriter:
+    """An extra writer (a Ray actor) of a run whose main writer is open elsewhere."""
+    if is_url(out):
+        from actcap.storage.remote import RemoteRunWriter
+
+        return RemoteRunWriter.attach(os.fspath(out), writer_id, shard_bytes=shard_bytes)
+    return RunWriter.attach(out, writer_id, storage=storage, shard_bytes=shard_bytes)
