@@ -83,3 +83,71 @@ model_option = click.option(
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
 )
+
+
+def parse_size(text: str) -> int:
+    """``1GB``, ``512MiB``, ``200000`` into bytes.
+
+    Raises:
+        click.BadParameter: For text that is no size.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise click.BadParameter(f"{text!r} is no size; write e.g. 1GB, 512MB or 200000.")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` into accelerate's ``max_memory``.
+
+    Raises:
+        click.BadParameter: For an entry without ``DEVICE=SIZE``.
+    """
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, sep, size = part.partition("=")
+        if not sep or not key.strip() or not size.strip():
+            raise click.BadParameter(
+                f"{part!r}: use DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB", param_hint="--max-memory"
+            )
+        k = key.strip()
+        out[int(k) if k.isdigit() else k] = size.strip()
+    return out
+
+
+placement_options = [
+    click.option(
+        "--device-map",
+        default=None,
+        help="Spread the model over devices with accelerate: 'auto', 'balanced', "
+        "'sequential' (layers that fit nowhere are offloaded to the CPU, then to disk).",
+    ),
+    click.option(
+        "--max-memory",
+        default=None,
+        help="With --device-map: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB.",
+    ),
+    click.option(
+        "--offload-folder",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="With --device-map: where weights offloaded to disk go.",
+    ),
+]
+
+
+def placement_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """``load_model`` keyword arguments from ``--device``, ``--device-map`` and friends."""
+    out: dict[str, Any] = {"device": kw["device"]}
+    if kw.get("device_map"):
+        out["device_map"] = kw["device_map"]
+        out["max_memory"] = parse_max_memory(kw.get("max_memory"))
+        out["offload_folder"] = kw.get("offload_folder")
+    elif kw.get("max_memory") or kw.get("offload_folder"):
+        raise click.BadParameter("needs --device-map", param_hint="--max-memory/--offload-folder")
+    return out

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -13,10 +14,74 @@ from actcap.cli.common import (
     model_option,
     parse_kinds,
     parse_layers,
+    parse_size,
+    placement_kwargs,
+    placement_options,
     reports_errors,
     sites_option,
     token_option,
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _apply(options: list[Any]) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+scale_options = [
+    click.option(
+        "--storage",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "files", "shards"]),
+        help="One file per sample, or shards of many samples (~1 GB each, with an index); "
+        "auto: shards above 10,000 questions and at URLs.",
+    ),
+    click.option(
+        "--shard-size",
+        default="1GiB",
+        show_default=True,
+        help="Size at which a shard is closed and the next begun.",
+    ),
+    click.option(
+        "--ray",
+        "use_ray",
+        is_flag=True,
+        help="Answer on Ray Data: an actor pool with one model per worker (pip install 'actcap[ray]').",
+    ),
+    click.option(
+        "--ray-address",
+        default=None,
+        help="With --ray: an existing cluster ('auto', 'ray://HOST:10001'); default: start a local one.",
+    ),
+    click.option(
+        "--workers",
+        default=2,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="With --ray: actors, one model each.",
+    ),
+    click.option(
+        "--gpus-per-worker",
+        default=0.0,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="With --ray: GPUs each actor reserves.",
+    ),
+    click.option(
+        "--cpus-per-worker",
+        default=1.0,
+        show_default=True,
+        type=click.FloatRange(min=0.5),
+        help="With --ray: CPUs each actor reserves (and its torch threads).",
+    ),
+]
 
 
 def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
@@ -44,8 +109,7 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     "--out",
     "out",
     default=None,
-    type=click.Path(file_okay=False),
-    help="Run directory (default runs/<benchmark>).",
+    help="Run directory, or an fsspec URL such as s3://bucket/run (default runs/<benchmark>).",
 )
 @click.option(
     "--resume",
@@ -103,6 +167,8 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     help="Column names for generic files: question=COL, answer=COL, choices=COL, id=COL, category=COL.",
 )
 @device_option
+@_apply(placement_options)
+@_apply(scale_options)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def eval_command(**kw: Any) -> None:
@@ -137,7 +203,34 @@ def eval_command(**kw: Any) -> None:
 
         get_grader(kw["grader"])  # fail before loading the model
     out = kw["out"] or default_out(kw["benchmark"])
-    lm = load_model(kw["model"], device=kw["device"])
+    load = placement_kwargs(kw)
+    storage = {"storage": kw["storage"], "shard_bytes": parse_size(kw["shard_size"])}
+    if kw["use_ray"]:
+        from actcap.bench.distributed import RayOptions, run_benchmark_ray
+
+        ray_options = RayOptions(
+            workers=kw["workers"],
+            gpus_per_worker=kw["gpus_per_worker"],
+            cpus_per_worker=kw["cpus_per_worker"],
+            address=kw["ray_address"],
+            load_kwargs=load,
+        )
+        result = run_benchmark_ray(
+            kw["model"],
+            bench,
+            out,
+            capture=capture,
+            options=options,
+            ray_options=ray_options,
+            resume=kw["resume"],
+            progress=not kw["quiet"],
+            **storage,
+        )
+        from actcap.models.builtin import DEFAULT_MODEL_NAME
+
+        report(result, bench.name, DEFAULT_MODEL_NAME if kw["model"] == "default" else kw["model"])
+        return
+    lm = load_model(kw["model"], **load)
     result = run_benchmark(
         lm,
         bench,
@@ -146,6 +239,7 @@ def eval_command(**kw: Any) -> None:
         out=out,
         resume=kw["resume"],
         progress=not kw["quiet"],
+        **storage,
     )
     report(result, bench.name, lm.display_name)
 
@@ -173,4 +267,6 @@ def report(result: Any, benchmark: str, model: str) -> None:
             f"answered {result.answered} questions in {result.wall_seconds:.1f} s ({result.answered / result.wall_seconds:.2f} q/s)"
         )
     if result.out is not None:
-        click.echo(f"run directory: {result.out}  (manifest.jsonl, results.json, samples/)")
+        click.echo(
+            f"run directory: {result.out}  (manifest.jsonl, results.json, samples/ or shards/)"
+        )

@@ -52,9 +52,18 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """The device of the input embeddings (where inputs go)."""
+        """Where inputs go: the input embeddings' device, or, when accelerate dispatched them
+        (offloaded to the CPU or disk, their weights on ``meta``), the device they run on.
+        """
         emb = self.model.get_input_embeddings()  # type: ignore[operator]
-        return next(emb.parameters()).device  # type: ignore[no-any-return]
+        hook = getattr(emb, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(
+                execution if not isinstance(execution, int) else f"cuda:{execution}"
+            )
+        device = next(emb.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device  # type: ignore[no-any-return]
 
     @cached_property
     def stop_ids(self) -> list[int]:
@@ -112,6 +121,8 @@ def load_model(
     device: Device = "auto",
     dtype: str | torch.dtype | None = None,
     device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     cache: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer, or return the one already loaded for the same request.
@@ -125,7 +136,11 @@ def load_model(
         dtype: Weights dtype (``"float32"``, ``"float16"``, ``"bfloat16"``); the checkpoint's own
             when None.
         device_map: Passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a model that does
-            not fit on one GPU over several, with accelerate).
+            not fit on one GPU over several, with accelerate; what fits nowhere is offloaded to
+            the CPU or to disk).
+        max_memory: With ``device_map``, the most each device may hold, e.g.
+            ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: With ``device_map``, where weights offloaded to disk go.
         cache: Keep the model for later calls with the same arguments.
 
     Returns:
@@ -143,11 +158,19 @@ def load_model(
         return spec
     torch_dtype = parse_dtype(dtype)
     resolved_device = None if device_map is not None else resolve_device(device)
-    key = (spec, str(torch_dtype), resolved_device, repr(device_map) if device_map else None)
+    placement = None
+    if device_map is not None:
+        placement = repr((device_map, max_memory, os.fspath(offload_folder or "")))
+    key = (spec, str(torch_dtype), resolved_device, placement)
     with _lock:
         if cache and key in _cache:
             return _cache[key]
-        loaded = _load_uncached(spec, resolved_device, torch_dtype, device_map)
+        extra: dict[str, Any] = {}
+        if device_map is not None and max_memory is not None:
+            extra["max_memory"] = max_memory
+        if device_map is not None and offload_folder is not None:
+            extra["offload_folder"] = os.fspath(offload_folder)
+        loaded = _load_uncached(spec, resolved_device, torch_dtype, device_map, **extra)
         if cache:
             _cache[key] = loaded
         return loaded
@@ -202,11 +225,12 @@ def _load_uncached(
     device: str | None,
     dtype: torch.dtype | None,
     device_map: str | dict[str, Any] | None,
+    **placement: Any,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _source_folder(spec)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(placement)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
@@ -231,6 +255,35 @@ def _load_uncached(
         raise ModelLoadError(f"Cannot load model {spec!r}: {e}") from e
     if device is not None:
         model = model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=spec, source=source, layout=find_layout(model)
+    )
+
+
+def load_skeleton(spec: str) -> LoadedModel:
+    """A model's tokenizer and module tree without its weights (on the ``meta`` device).
+
+    Enough to plan a run (build prompts, resolve capture sites, read the config) in a process
+    that will not run the model, such as the driver of a Ray run; costs no memory for weights.
+
+    Raises:
+        ModelLoadError: When the model cannot be found or its config read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = _source_folder(spec)
+    try:
+        with _quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"Cannot read model {spec!r}: {e}") from e
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -1,0 +1,300 @@
+"""Evaluation on Ray Data: many workers (GPUs, machines), one run directory.
+
+The driver plans the run without the model's weights (a ``meta``-device skeleton gives the
+tokenizer, the config and the capture sites), holds the run's lock, and turns the planned
+questions into a Ray Dataset. ``map_batches`` answers them over an actor pool, one model per
+actor. Each actor writes its samples into the run directory as an extra writer: its own manifest
+segment and its own shards or files. The driver merges the segments into ``manifest.jsonl`` and
+writes ``results.json``.
+
+Ray restarts a killed actor and retries its batch. Before each batch an actor rereads what any
+writer has finished (only the bytes appended since its last look) and skips those samples, so a
+retried or resumed batch does not write a sample twice; were two actors ever to race on one
+sample, readers and the merge keep its first manifest line. ``--resume`` works across workers
+because every segment counts as finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from actcap.bench.questions import Benchmark, Question
+from actcap.bench.runner import (
+    DEFAULT_CAPTURE,
+    EvalOptions,
+    EvalResult,
+    Planned,
+    answer_batch,
+    finish_run,
+    plan_questions,
+    resolve_run_storage,
+    run_config,
+    run_sites,
+    write_args,
+)
+from actcap.capture.spec import CaptureSpec
+from actcap.errors import RunError, require
+from actcap.models.loading import load_model, load_skeleton
+from actcap.storage.location import is_url, local_path
+from actcap.storage.run import SHARD_BYTES, DoneIndex, Storage, new_writer_id, read_all_manifests
+from actcap.storage.writers import attach_writer, open_writer
+
+WORKERS = "workers"
+"""Folder of a local run where each actor records who it is (host, pid, device)."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run goes."""
+
+    workers: int = 2
+    """Actors, each holding one copy of the model."""
+    gpus_per_worker: float = 0.0
+    """GPUs each actor reserves (0: CPU workers)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each actor reserves; also its torch thread count."""
+    address: str | None = None
+    """An existing cluster (``auto``, ``ray://host:10001``); None starts a local one."""
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    """How each actor loads the model: ``device``, ``dtype``, ``device_map``, ..."""
+
+
+class EvalActor:
+    """A Ray Data actor: loads the model once, then answers and writes batches of questions."""
+
+    def __init__(
+        self,
+        model: str,
+        load_kwargs: Mapping[str, Any],
+        bench: Benchmark,
+        capture: CaptureSpec | None,
+        options: EvalOptions,
+        out: str,
+        storage: str,
+        shard_bytes: int,
+        threads: int,
+    ) -> None:
+        """Load the model and attach to the run as an extra writer."""
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.lm = load_model(model, **load_kwargs)
+        self.bench = bench
+        self.questions = {q.id: q for q in bench.questions}
+        self.capture = capture
+        self.options = options
+        self.sites = run_sites(self.lm, capture)
+        self.writer_id = new_writer_id()
+        self.out = out
+        self.writer = attach_writer(
+            out,
+            self.writer_id,
+            storage=storage,  # type: ignore[arg-type]
+            shard_bytes=shard_bytes,
+        )
+        self.index = None if is_url(out) else DoneIndex(local_path(out))
+        if not is_url(out):
+            record = {
+                "writer_id": self.writer_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "device": str(self.lm.device),
+                "started": time.time(),
+            }
+            folder = local_path(out) / WORKERS
+            folder.mkdir(exist_ok=True)
+            (folder / f"{self.writer_id}.json").write_text(json.dumps(record))
+
+    def _done(self) -> set[str]:
+        if self.index is not None:
+            return self.index.refresh()
+        return {e.id for e in read_all_manifests(self.out)}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Answer the batch's questions not yet done by any writer; write each sample."""
+        import numpy as np
+
+        ids = [str(i) for i in batch["id"]]
+        done = self._done()
+        todo = [
+            Planned(self.questions[i], str(m), str(p))  # type: ignore[arg-type]
+            for i, m, p in zip(ids, batch["mode"], batch["prompt"], strict=True)
+            if i not in done
+        ]
+        written = set()
+        for q, a, record in answer_batch(
+            self.lm, self.bench, todo, self.capture, self.sites, self.options
+        ):
+            args, kwargs = write_args(self.lm.display_name, self.bench, q, a, record, self.capture)
+            self.writer.write_sample(*args, **kwargs)
+            written.add(q.id)
+        self.writer.flush()
+        return {"id": np.array(ids), "written": np.array([i in written for i in ids])}
+
+
+def run_benchmark_ray(
+    model: str,
+    benchmark: Benchmark,
+    out: str | os.PathLike[str],
+    *,
+    capture: CaptureSpec | None = DEFAULT_CAPTURE,
+    options: EvalOptions | None = None,
+    ray_options: RayOptions | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    storage: Storage = "auto",
+    shard_bytes: int = SHARD_BYTES,
+) -> EvalResult:
+    """Answer and grade a benchmark on a Ray cluster, writing one run directory.
+
+    Args:
+        model: What each worker loads (``"default"``, a hub id, a folder, a ``.gguf`` file);
+            on a cluster, a path must exist on every node.
+        benchmark: The questions.
+        out: The run directory, on storage every worker reaches (a shared file system, or an
+            fsspec URL such as ``s3://bucket/run``).
+        capture: What to capture; None evaluates only.
+        options: Answering and grading options, as for :func:`run_benchmark`.
+        ray_options: Workers, GPUs and CPUs per worker, cluster address, loading options.
+        resume: Continue a run that has finished samples (from any number of workers).
+        progress: Show a progress bar.
+        storage: ``files``, ``shards`` or ``auto``, as for :func:`run_benchmark`.
+        shard_bytes: Size at which a shard is closed and the next begun.
+
+    Returns:
+        Accuracy overall and per category, and the records, as :func:`run_benchmark`.
+
+    Raises:
+        MissingDependencyError: Ray is not installed (``pip install 'actcap[ray]'``).
+        RunError: The run cannot be written, or the Ray job failed (finished samples are kept:
+            rerun with ``resume=True``).
+    """
+    require("ray", "ray", "Evaluation on Ray (--ray)")
+    options = options or EvalOptions()
+    ray_options = ray_options or RayOptions()
+    if ray_options.workers < 1:
+        raise RunError(f"--workers must be at least 1, not {ray_options.workers}.")
+    bench = benchmark.limited(options.limit)
+    skeleton = load_skeleton(model)
+    sites = run_sites(skeleton, capture)
+    layout = resolve_run_storage(storage, len(bench.questions), out)
+    config = run_config(skeleton, bench, capture, sites, options, layout)
+    writer = open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
+    try:
+        todo = [q for q in bench.questions if q.id not in writer.done]
+        plan = plan_questions(skeleton, bench, todo, options)
+        del skeleton
+        t0 = time.perf_counter()
+        answered = _run_on_ray(
+            plan, bench, todo, model, capture, options, ray_options, writer, shard_bytes, progress
+        )
+        wall = time.perf_counter() - t0
+        writer.merge_segments([q.id for q in bench.questions])
+        records = {e.id: e.record for e in read_all_manifests(writer.root)}
+        return finish_run(
+            writer,
+            bench,
+            records,
+            answered=answered,
+            wall=wall,
+            waited=0.0,
+            extra={
+                "ray": {
+                    "workers": ray_options.workers,
+                    "gpus_per_worker": ray_options.gpus_per_worker,
+                    "cpus_per_worker": ray_options.cpus_per_worker,
+                }
+            },
+        )
+    finally:
+        writer.close()
+
+
+def _run_on_ray(
+    plan: list[Planned],
+    bench: Benchmark,
+    todo: list[Question],
+    model: str,
+    capture: CaptureSpec | None,
+    options: EvalOptions,
+    ray_options: RayOptions,
+    writer: Any,
+    shard_bytes: int,
+    progress: bool,
+) -> int:
+    """Answer the plan over an actor pool; return how many samples were written."""
+    if not plan:
+        return 0
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file under the home folder
+    started_here = not ray.is_initialized()
+    if started_here:
+        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if ray_options.address is None:
+            # A local cluster with room for the actors and for Ray Data's own small tasks.
+            need = ray_options.workers * ray_options.cpus_per_worker + 1
+            init["num_cpus"] = max(int(need + 0.999), os.cpu_count() or 1)
+        else:
+            init["address"] = ray_options.address
+        ray.init(**init)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        rows = [{"id": p.question.id, "mode": p.mode, "prompt": p.prompt} for p in plan]
+        # Prompts are built; actors only need the questions themselves (and no few-shot pool).
+        part = replace(bench, questions=list(todo), few_shot={})
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // options.batch_size))
+        answered = ds.map_batches(
+            EvalActor,
+            fn_constructor_kwargs={
+                "model": model,
+                "load_kwargs": ray_options.load_kwargs,
+                "bench": part,
+                "capture": capture,
+                "options": options,
+                "out": os.fspath(writer.root),
+                "storage": writer.storage,
+                "shard_bytes": shard_bytes,
+                "threads": int(ray_options.cpus_per_worker),
+            },
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
+            num_cpus=ray_options.cpus_per_worker,
+            num_gpus=ray_options.gpus_per_worker or None,
+        )
+        bar = _progress(len(bench.questions), len(bench.questions) - len(plan), progress)
+        written = 0
+        try:
+            for out in answered.iter_batches(batch_size=None, batch_format="numpy"):
+                written += int(out["written"].sum())
+                if bar is not None:
+                    bar.update(len(out["id"]))
+        except Exception as e:  # Ray wraps the worker's error; keep it as the cause
+            raise RunError(
+                f"{writer.root}: the Ray job failed ({type(e).__name__}: {str(e)[:500]}). "
+                "Finished samples are kept; fix the cause and rerun with --resume."
+            ) from e
+        finally:
+            if bar is not None:
+                bar.close()
+        return written
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="eval (ray)", unit="q", dynamic_ncols=True)
