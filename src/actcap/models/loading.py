@@ -52,8 +52,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the input embeddings' device, or, when accelerate dispatched them
-        (offloaded to the CPU or disk, their weights on ``meta``), the device they run on.
+        """Where inputs go: the device the input embeddings run on.
+
+        When accelerate dispatched them (offloaded to the CPU or disk, weights on ``meta``),
+        that is the execution device of its hook, not the device of the weights.
         """
         emb = self.model.get_input_embeddings()  # type: ignore[operator]
         hook = getattr(emb, "_hf_hook", None)
