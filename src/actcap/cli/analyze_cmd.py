@@ -190,3 +190,68 @@ def lens(file: str, model: str | None, token: int, k: int) -> None:
             f"{row.site:<12} "
             + "  ".join(f"{t!r} {p:.2f}" for t, p in zip(row.tokens, row.probs, strict=True))
         )
+
+
+@click.command("export")
+@click.argument("run")
+@click.option(
+    "--to",
+    "to",
+    default="parquet",
+    show_default=True,
+    type=click.Choice(["parquet", "hf-dataset", "npy"]),
+    help="Parquet files, a Hugging Face dataset (save_to_disk), or .npy arrays.",
+)
+@click.option("--site", required=True, help="The site to export, e.g. layer_12 or layer_3.mlp.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--rows",
+    default="tokens",
+    show_default=True,
+    type=click.Choice(["tokens", "samples"]),
+    help="One row per token (SAE training) or one vector per sample (probing).",
+)
+@click.option(
+    "--reduce",
+    default="last",
+    show_default=True,
+    type=click.Choice(["last", "mean"]),
+    help="With --rows samples: the last token's vector, or the mean over tokens.",
+)
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "float16"]),
+    help="Activation dtype of the export.",
+)
+@click.option(
+    "--rows-per-file",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Parquet rows per file.",
+)
+@reports_errors
+def export(**kw: Any) -> None:
+    """Export one site of a run (streaming, bounded memory) for SAE training or probes."""
+    from actcap.analysis.export import export_site
+
+    result = export_site(
+        kw["run"],
+        kw["site"],
+        kw["out"],
+        to=kw["to"],
+        rows=kw["rows"],
+        reduce=kw["reduce"],
+        dtype=kw["dtype"],
+        rows_per_file=kw["rows_per_file"],
+    )
+    click.echo(
+        f"exported {result.n_rows} rows x {result.hidden} of {kw['site']} from "
+        f"{result.n_samples} samples to {result.out} ({kw['to']})"
+    )
+    if result.skipped.files:
+        click.echo(f"skipped {len(result.skipped.files)} unreadable samples:", err=True)
+        for path, why in result.skipped.files[:10]:
+            click.echo(f"  {path}: {why}", err=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from actcap import __version__
-from actcap.cli.analyze_cmd import analyze, lens, plot, probe, report
+from actcap.cli.analyze_cmd import analyze, export, lens, plot, probe, report
 from actcap.cli.eval_cmd import eval_command
 from actcap.cli.generate import generate
 from actcap.cli.inspect_cmd import inspect_file
@@ -20,7 +20,7 @@ def cli() -> None:
 cli.add_command(generate)
 cli.add_command(inspect_file)
 cli.add_command(eval_command)
-for command in (analyze, plot, probe, report, lens):
+for command in (analyze, plot, probe, report, lens, export):
     cli.add_command(command)
 
 

@@ -1,0 +1,400 @@
+"""Export one site of a run for downstream training: Parquet, a Hugging Face dataset, or ``.npy``.
+
+Rows are either token-major (one row per token: sample id, position, token id, activation), what
+SAE training reads, or one row per sample (its last-token or mean vector), what a probe reads.
+Samples are read one at a time and rows are written in groups, so memory stays bounded by one
+sample plus one group of rows, whatever the size of the run.
+
+Layouts written under ``--out``:
+
+- ``parquet``: ``part-00000.parquet``, ... with columns ``sample_id``, ``sample_index``,
+  ``position``, ``token_id``, ``correct``, ``category``, ``activation`` (a fixed-size list);
+- ``hf-dataset``: a ``datasets.Dataset`` saved with ``save_to_disk`` (``datasets.load_from_disk``);
+- ``npy``: ``activations.npy`` (rows x hidden, memory-mapped while written), ``sample_index.npy``,
+  ``position.npy``, ``token_id.npy``, and ``samples.jsonl`` (id, correct, category per sample).
+
+Each also gets ``_export.json``: the run, site, row layout, dtype, hidden size and row count (the
+leading underscore keeps Parquet readers, which skip ``_`` and ``.`` files, reading the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from actcap.analysis.sources import SampleRef, Skipped, iter_open, list_samples
+from actcap.errors import FormatError, UnknownNameError, require
+from actcap.storage.files import ActivationFile
+from actcap.storage.format import utc_now
+
+ExportFormat = Literal["parquet", "hf-dataset", "npy"]
+Rows = Literal["tokens", "samples"]
+Reduce = Literal["last", "mean"]
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    out: Path
+    """The output folder."""
+    n_rows: int
+    """Rows written."""
+    n_samples: int
+    """Samples read."""
+    hidden: int
+    """Width of each activation row."""
+    files: list[Path] = field(default_factory=list)
+    """Files written (data files; ``_export.json`` besides)."""
+    skipped: Skipped = field(default_factory=Skipped)
+    """Samples that could not be read (or lack the site), with why."""
+
+
+@dataclass
+class _Block:
+    """Rows of one sample."""
+
+    ref: SampleRef
+    index: int
+    activation: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+
+
+def _rows_of(
+    ref: SampleRef, index: int, f: ActivationFile, site: str, rows: Rows, reduce: Reduce, dtype: Any
+) -> _Block:
+    x = f.get(site).float()
+    if x.dim() == 1:  # stored reduced (token selection last or mean): one row per sample
+        x = x.unsqueeze(0)
+        positions = np.array([-1], dtype=np.int32)
+    else:
+        x = x.reshape(x.shape[0], -1)
+        positions = np.arange(x.shape[0], dtype=np.int32)
+    ids: list[torch.Tensor] = [
+        f.get(n).reshape(-1) for n in ("input_ids", "output_ids") if n in f.names
+    ]
+    all_ids = torch.cat(ids).numpy() if ids else np.zeros(0, dtype=np.int64)
+    token_ids = np.full(len(positions), -1, dtype=np.int64)
+    known = (positions >= 0) & (positions < len(all_ids))
+    token_ids[known] = all_ids[positions[known]]
+    if rows == "samples" and x.shape[0] > 1:
+        if reduce == "mean":
+            x, positions, token_ids = (
+                x.mean(0, keepdim=True),
+                np.array([-1], np.int32),
+                np.array([-1]),
+            )
+        else:
+            x, positions, token_ids = x[-1:], positions[-1:], token_ids[-1:]
+    return _Block(ref, index, x.numpy().astype(dtype, copy=False), positions, token_ids)
+
+
+def _blocks(
+    samples: list[SampleRef], site: str, rows: Rows, reduce: Reduce, dtype: Any, skipped: Skipped
+) -> Iterator[_Block]:
+    index = 0
+    for ref, f in iter_open(samples, skipped):
+        if site not in f.sites:
+            skipped.add(ref.path, f"no site {site!r} (sites: {', '.join(f.sites)})")
+            continue
+        try:
+            block = _rows_of(ref, index, f, site, rows, reduce, dtype)
+        except FormatError as e:
+            skipped.add(ref.path, str(e))
+            continue
+        index += 1
+        yield block
+
+
+def _hidden_size(samples: list[SampleRef], site: str) -> int:
+    """The row width, from the first readable header that has the site."""
+    seen: set[str] = set()
+    for ref in samples:
+        try:
+            with ActivationFile(ref.path) as f:
+                seen.update(f.sites)
+                if site in f.sites:
+                    shape = f.shape(site)
+                    return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+        except FormatError:
+            continue
+    raise UnknownNameError(
+        f"No sample has site {site!r}. Sites in this run: {', '.join(sorted(seen)) or 'none'}."
+    )
+
+
+def export_site(
+    run: str | os.PathLike[str],
+    site: str,
+    out: str | os.PathLike[str],
+    *,
+    to: ExportFormat = "parquet",
+    rows: Rows = "tokens",
+    reduce: Reduce = "last",
+    dtype: Literal["float32", "float16"] = "float32",
+    group_rows: int = 8192,
+    rows_per_file: int = 1_000_000,
+) -> ExportResult:
+    """Write one site of a run (or folder of files) in a layout training code reads directly.
+
+    Args:
+        run: A run directory or URL (either storage layout), or a folder of activation files.
+        site: The site to export, e.g. ``layer_12`` or ``layer_3.mlp``.
+        out: The output folder (created; must be empty or absent).
+        to: ``parquet``, ``hf-dataset`` or ``npy``.
+        rows: ``tokens`` (one row per token) or ``samples`` (one vector per sample).
+        reduce: With ``rows="samples"``, which vector stands for a sample stored per token.
+        dtype: Activation dtype of the export (bfloat16 runs are widened).
+        group_rows: Rows buffered before they are written (Parquet row group size).
+        rows_per_file: Parquet rows per file before the next part begins.
+
+    Returns:
+        Rows, samples and files written.
+
+    Raises:
+        UnknownNameError: No sample has the site.
+        FormatError: ``out`` is a non-empty folder, or the run cannot be read.
+        MissingDependencyError: ``pyarrow`` (parquet) or ``datasets`` (hf-dataset) is missing.
+    """
+    if to not in ("parquet", "hf-dataset", "npy"):
+        raise UnknownNameError(f"Unknown export format {to!r}; use parquet, hf-dataset or npy.")
+    if rows not in ("tokens", "samples"):
+        raise UnknownNameError(f"Unknown row layout {rows!r}; use tokens or samples.")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FormatError(f"{target}: exists and is not an empty folder; choose another --out.")
+    samples = list_samples(run)
+    hidden = _hidden_size(samples, site)
+    np_dtype = _NP_DTYPES[dtype]
+    skipped = Skipped()
+    blocks = _blocks(samples, site, rows, reduce, np_dtype, skipped)
+    target.mkdir(parents=True, exist_ok=True)
+    if to == "npy":
+        result = _write_npy(samples, site, rows, reduce, np_dtype, hidden, target, skipped)
+    elif to == "parquet":
+        require("pyarrow", "export", "Export to Parquet")
+        files, n_rows, n_samples = _write_parquet(
+            blocks, hidden, dtype, target, group_rows, rows_per_file
+        )
+        result = ExportResult(target, n_rows, n_samples, hidden, files, skipped)
+    else:
+        require("datasets", "hf", "Export to a Hugging Face dataset")
+        n_rows, n_samples = _write_hf(blocks, hidden, dtype, target, group_rows)
+        result = ExportResult(target, n_rows, n_samples, hidden, [target], skipped)
+    info = {
+        "run": os.fspath(run),
+        "site": site,
+        "format": to,
+        "rows": rows,
+        "reduce": reduce if rows == "samples" else None,
+        "dtype": dtype,
+        "hidden": hidden,
+        "n_rows": result.n_rows,
+        "n_samples": result.n_samples,
+        "skipped": skipped.files,
+        "created": utc_now(),
+    }
+    (target / "_export.json").write_text(json.dumps(info, indent=2))
+    return result
+
+
+def _schema(hidden: int, dtype: str) -> Any:
+    import pyarrow as pa
+
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("position", pa.int32()),
+            ("token_id", pa.int64()),
+            ("correct", pa.bool_()),
+            ("category", pa.string()),
+            ("activation", pa.list_(value, hidden)),
+        ]
+    )
+
+
+def _record_batch(buffer: list[_Block], schema: Any) -> Any:
+    import pyarrow as pa
+
+    n = [len(b.position) for b in buffer]
+    acts = np.concatenate([b.activation for b in buffer])
+    values = pa.array(acts.reshape(-1), type=schema.field("activation").type.value_type)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(
+                [b.ref.id for b, k in zip(buffer, n, strict=True) for _ in range(k)], pa.string()
+            ),
+            pa.array(np.repeat([b.index for b in buffer], n).astype(np.int32)),
+            pa.array(np.concatenate([b.position for b in buffer])),
+            pa.array(np.concatenate([b.token_id for b in buffer])),
+            pa.array(
+                [b.ref.correct for b, k in zip(buffer, n, strict=True) for _ in range(k)],
+                pa.bool_(),
+            ),
+            pa.array(
+                [
+                    str(b.ref.record.get("category", ""))
+                    for b, k in zip(buffer, n, strict=True)
+                    for _ in range(k)
+                ],
+                pa.string(),
+            ),
+            pa.FixedSizeListArray.from_arrays(values, acts.shape[1]),
+        ],
+        schema=schema,
+    )
+
+
+def _grouped(blocks: Iterator[_Block], group_rows: int) -> Iterator[list[_Block]]:
+    """Blocks gathered into groups of about ``group_rows`` rows (a sample is never split)."""
+    buffer: list[_Block] = []
+    size = 0
+    for block in blocks:
+        buffer.append(block)
+        size += len(block.position)
+        if size >= group_rows:
+            yield buffer
+            buffer, size = [], 0
+    if buffer:
+        yield buffer
+
+
+def _write_parquet(
+    blocks: Iterator[_Block],
+    hidden: int,
+    dtype: str,
+    target: Path,
+    group_rows: int,
+    rows_per_file: int,
+) -> tuple[list[Path], int, int]:
+    import pyarrow.parquet as pq
+
+    schema = _schema(hidden, dtype)
+    files: list[Path] = []
+    writer: Any = None
+    in_file = n_rows = n_samples = 0
+    try:
+        for group in _grouped(blocks, group_rows):
+            if writer is None or in_file >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                files.append(target / f"part-{len(files):05d}.parquet")
+                writer = pq.ParquetWriter(files[-1], schema)
+                in_file = 0
+            batch = _record_batch(group, schema)
+            writer.write_batch(batch, row_group_size=batch.num_rows)
+            in_file += batch.num_rows
+            n_rows += batch.num_rows
+            n_samples += len(group)
+    finally:
+        if writer is not None:
+            writer.close()
+    return files, n_rows, n_samples
+
+
+def _write_hf(
+    blocks: Iterator[_Block], hidden: int, dtype: str, target: Path, group_rows: int
+) -> tuple[int, int]:
+    """Stream to Parquet in a scratch folder, let ``datasets`` convert that (memory-mapped, in
+    batches) to Arrow, and ``save_to_disk``; the scratch folder is removed.
+    """
+    import datasets
+
+    scratch = Path(tempfile.mkdtemp(prefix=".hf-scratch-", dir=target))
+    try:
+        files, n_rows, n_samples = _write_parquet(
+            blocks, hidden, dtype, scratch, group_rows, rows_per_file=1 << 62
+        )
+        if files:
+            ds = datasets.Dataset.from_parquet(
+                [str(f) for f in files], cache_dir=str(scratch / "cache"), keep_in_memory=False
+            )
+        else:
+            ds = datasets.Dataset.from_dict({}, features=None)
+        ds.save_to_disk(str(target))
+        del ds
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return n_rows, n_samples
+
+
+def _write_npy(
+    samples: list[SampleRef],
+    site: str,
+    rows: Rows,
+    reduce: Reduce,
+    dtype: Any,
+    hidden: int,
+    target: Path,
+    skipped: Skipped,
+) -> ExportResult:
+    """Two passes: count rows from the headers, then fill memory-mapped arrays sample by sample."""
+    total = 0
+    for ref in samples:
+        try:
+            with ActivationFile(ref.path) as f:
+                if site in f.sites:
+                    shape = f.shape(site)
+                    total += 1 if (len(shape) == 1 or rows == "samples") else shape[0]
+        except FormatError:
+            continue
+    acts = np.lib.format.open_memmap(
+        target / "activations.npy", mode="w+", dtype=dtype, shape=(total, hidden)
+    )
+    index = np.lib.format.open_memmap(
+        target / "sample_index.npy", mode="w+", dtype=np.int32, shape=(total,)
+    )
+    position = np.lib.format.open_memmap(
+        target / "position.npy", mode="w+", dtype=np.int32, shape=(total,)
+    )
+    token = np.lib.format.open_memmap(
+        target / "token_id.npy", mode="w+", dtype=np.int64, shape=(total,)
+    )
+    row = n_samples = 0
+    with open(target / "samples.jsonl", "w") as meta:
+        for block in _blocks(samples, site, rows, reduce, dtype, skipped):
+            k = len(block.position)
+            acts[row : row + k] = block.activation
+            index[row : row + k] = n_samples
+            position[row : row + k] = block.position
+            token[row : row + k] = block.token_id
+            meta.write(
+                json.dumps(
+                    {
+                        "sample_index": n_samples,
+                        "id": block.ref.id,
+                        "correct": block.ref.correct,
+                        "category": block.ref.record.get("category"),
+                        "rows": [row, row + k],
+                    }
+                )
+                + "\n"
+            )
+            row += k
+            n_samples += 1
+    for array in (acts, index, position, token):
+        array.flush()
+    files = [
+        target / n
+        for n in (
+            "activations.npy",
+            "sample_index.npy",
+            "position.npy",
+            "token_id.npy",
+            "samples.jsonl",
+        )
+    ]
+    return ExportResult(target, row, n_samples, hidden, files, skipped)

@@ -1,0 +1,167 @@
+"""actcap export: one site of a run as Parquet, a Hugging Face dataset or .npy arrays."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from actcap.analysis.export import export_site
+from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+from actcap.capture import CaptureSpec
+from actcap.cli.main import cli
+from actcap.errors import FormatError, UnknownNameError
+from actcap.storage import load_activations, open_run
+from tests.conftest import SHARED_DATA
+
+MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+
+
+def evaluate(lm, out, capture, **kw):
+    bench = load_benchmark(f"mmlu:{MMLU}").limited(10)
+    run_benchmark(
+        lm, bench, capture=capture, options=EvalOptions(batch_size=5), out=out, progress=False, **kw
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_lm, tmp_path_factory):
+    return evaluate(tiny_lm, tmp_path_factory.mktemp("x") / "run", CaptureSpec(layers=[0, 1]))
+
+
+@pytest.fixture(scope="module")
+def stored(run_dir):
+    """Each sample's layer_1 and token ids, in manifest order."""
+    out = {}
+    for e in open_run(run_dir).entries:
+        d = load_activations(run_dir, sample_id=e.id)
+        out[e.id] = (d["activations"]["layer_1"], d["input_ids"], e.correct)
+    return out
+
+
+def check_token_rows(table, stored):
+    rows = table.to_pydict()
+    assert len(rows["sample_id"]) == sum(x.shape[0] for x, _, _ in stored.values())
+    acts = np.array(rows["activation"], dtype=np.float32)
+    start = 0
+    for i, (qid, (x, ids, correct)) in enumerate(stored.items()):
+        n = x.shape[0]
+        assert rows["sample_id"][start : start + n] == [qid] * n
+        assert rows["sample_index"][start : start + n] == [i] * n
+        assert rows["position"][start : start + n] == list(range(n))
+        assert rows["token_id"][start : start + n] == ids.tolist()
+        assert rows["correct"][start] == correct
+        np.testing.assert_array_equal(acts[start : start + n], x.numpy())
+        start += n
+
+
+def test_parquet_token_rows_equal_the_run(run_dir, stored, tmp_path):
+    out = tmp_path / "pq"
+    result = export_site(run_dir, "layer_1", out, to="parquet", group_rows=50, rows_per_file=120)
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == len(result.files) >= 2  # rolled over at rows_per_file
+    groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+    # Written group by group as it streams (each sample here is longer than 50 rows), not at the end.
+    assert groups == result.n_samples == 10
+    table = pq.read_table(out)
+    assert table.schema.field("activation").type.list_size == result.hidden == 32
+    check_token_rows(table, stored)
+    info = json.loads((out / "_export.json").read_text())
+    assert info["n_rows"] == result.n_rows and info["site"] == "layer_1"
+
+
+@pytest.mark.parametrize("reduce", ["last", "mean"])
+def test_parquet_sample_rows(run_dir, stored, tmp_path, reduce):
+    out = tmp_path / "pq"
+    result = export_site(run_dir, "layer_1", out, rows="samples", reduce=reduce)
+    assert result.n_rows == result.n_samples == len(stored)
+    acts = np.array(pq.read_table(out).column("activation").to_pylist(), dtype=np.float32)
+    for row, (x, _, _) in zip(acts, stored.values(), strict=True):
+        expected = x[-1] if reduce == "last" else x.mean(0)
+        np.testing.assert_allclose(row, expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_hf_dataset_loads_with_datasets(run_dir, stored, tmp_path):
+    import datasets
+
+    out = tmp_path / "hf"
+    result = export_site(run_dir, "layer_1", out, to="hf-dataset", group_rows=40)
+    ds = datasets.load_from_disk(str(out))
+    assert len(ds) == result.n_rows
+    check_token_rows(ds.data.table, stored)
+    assert not list(out.glob(".hf-scratch-*"))
+
+
+def test_npy_arrays(run_dir, stored, tmp_path):
+    out = tmp_path / "npy"
+    result = export_site(run_dir, "layer_1", out, to="npy", dtype="float16")
+    acts = np.load(out / "activations.npy", mmap_mode="r")
+    assert acts.shape == (result.n_rows, 32) and acts.dtype == np.float16
+    index, pos, tok = (np.load(out / f"{n}.npy") for n in ("sample_index", "position", "token_id"))
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == list(stored)
+    for s, (x, ids, correct) in zip(samples, stored.values(), strict=True):
+        a, b = s["rows"]
+        np.testing.assert_array_equal(acts[a:b], x.numpy().astype(np.float16))
+        assert (index[a:b] == s["sample_index"]).all() and s["correct"] == correct
+        assert pos[a:b].tolist() == list(range(b - a)) and tok[a:b].tolist() == ids.tolist()
+
+
+def test_sharded_and_url_runs_export_the_same(tiny_lm, run_dir, tmp_path):
+    import fsspec
+
+    shards = evaluate(
+        tiny_lm,
+        tmp_path / "shards",
+        CaptureSpec(layers=[0, 1]),
+        storage="shards",
+        shard_bytes=20_000,
+    )
+    url = "memory://actcap-export-test/run"
+    evaluate(tiny_lm, url, CaptureSpec(layers=[0, 1]))
+    try:
+        ref = pq.read_table(export_site(run_dir, "layer_0", tmp_path / "a").out).sort_by(
+            "sample_id"
+        )
+        for source, name in ((shards, "b"), (url, "c")):
+            got = pq.read_table(export_site(source, "layer_0", tmp_path / name).out).sort_by(
+                "sample_id"
+            )
+            assert got.drop_columns(["sample_index"]).equals(ref.drop_columns(["sample_index"]))
+    finally:
+        fsspec.filesystem("memory").rm("/actcap-export-test", recursive=True)
+
+
+def test_reduced_captures_export_one_row_per_sample(tiny_lm, tmp_path):
+    run = evaluate(tiny_lm, tmp_path / "run", CaptureSpec(layers=[1], token_selection="last"))
+    result = export_site(run, "layer_1", tmp_path / "out")
+    table = pq.read_table(tmp_path / "out")
+    assert result.n_rows == 10 and set(table.column("position").to_pylist()) == {-1}
+
+
+def test_bad_requests_say_what_to_do(run_dir, tmp_path):
+    with pytest.raises(UnknownNameError, match="layer_0, layer_1"):
+        export_site(run_dir, "layer_9", tmp_path / "a")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(FormatError, match="not an empty folder"):
+        export_site(run_dir, "layer_1", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_cli_export(run_dir, stored, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        cli, ["export", str(run_dir), "--to", "npy", "--site", "layer_1", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    n = sum(x.shape[0] for x, _, _ in stored.values())
+    assert f"exported {n} rows x 32 of layer_1 from {len(stored)} samples" in result.output
+    bad = CliRunner().invoke(
+        cli, ["export", str(run_dir), "--site", "nope", "--out", str(tmp_path / "z")]
+    )
+    assert bad.exit_code == 1 and "No sample has site 'nope'" in bad.output
+    torch.manual_seed(0)
