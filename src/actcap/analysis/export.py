@@ -308,8 +308,10 @@ def _write_parquet(
 def _write_hf(
     blocks: Iterator[_Block], hidden: int, dtype: str, target: Path, group_rows: int
 ) -> tuple[int, int]:
-    """Stream to Parquet in a scratch folder, let ``datasets`` convert that (memory-mapped, in
-    batches) to Arrow, and ``save_to_disk``; the scratch folder is removed.
+    """Write a Hugging Face dataset without holding it in memory.
+
+    Rows stream to Parquet in a scratch folder; ``datasets`` converts that to Arrow (in batches,
+    memory-mapped) and saves it with ``save_to_disk``; the scratch folder is then removed.
     """
     import datasets
 
