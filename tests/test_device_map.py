@@ -106,3 +106,24 @@ def test_cli_device_map(tiny_model_dir, tmp_path):
     assert len(open_run(out).entries) == 3
     bad = CliRunner().invoke(cli, [*args, "--max-memory", "cpu=1GB"])
     assert bad.exit_code != 0 and "needs --device-map" in bad.output
+    save = tmp_path / "g.safetensors"
+    gen = [
+        "generate",
+        "Hello",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "4",
+        "--save",
+        str(save),
+    ]
+    result = CliRunner().invoke(cli, gen + placed)
+    assert result.exit_code == 0, result.output
+    plain = CliRunner().invoke(cli, [*gen[:-1], str(tmp_path / "p.safetensors"), "--device", "cpu"])
+    assert plain.exit_code == 0, plain.output
+    a, b = (
+        load_activations(save)["activations"],
+        load_activations(tmp_path / "p.safetensors")["activations"],
+    )
+    for site in a:
+        torch.testing.assert_close(a[site], b[site], atol=1e-6, rtol=1e-5)

@@ -11,6 +11,8 @@ from actcap.cli.common import (
     model_option,
     parse_kinds,
     parse_layers,
+    placement_kwargs,
+    placement_options,
     reports_errors,
     sites_option,
     token_option,
@@ -28,6 +30,9 @@ from actcap.cli.common import (
 @token_option
 @dtype_option
 @device_option
+@placement_options[0]
+@placement_options[1]
+@placement_options[2]
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--capture-generated", is_flag=True, help="Also capture the answer's tokens.")
 @reports_errors
@@ -40,15 +45,28 @@ def generate(
     token_selection: str,
     dtype: str,
     device: str,
+    device_map: str | None,
+    max_memory: str | None,
+    offload_folder: str | None,
     max_new_tokens: int,
     capture_generated: bool,
 ) -> None:
     """Answer PROMPT with the model and capture its activations."""
     from actcap.api import generate_inference_with_activations
+    from actcap.models.loading import LoadedModel, load_model
 
+    placed = placement_kwargs(
+        {
+            "device": device,
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "offload_folder": offload_folder,
+        }
+    )
+    lm: str | LoadedModel = load_model(model, **placed) if device_map else model
     response, data = generate_inference_with_activations(
         prompt,
-        model,
+        lm,
         save_path=save_path,
         layers_to_capture=parse_layers(layers),
         sites=parse_kinds(kinds),  # type: ignore[arg-type]
