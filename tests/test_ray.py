@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+from actcap.bench.distributed import (  # ray is in .[dev]: never skipped
+    RayOptions,
+    run_benchmark_ray,
+)
 from actcap.capture import CaptureSpec
 from actcap.models import load_model
 from actcap.storage import load_activations, open_run
 from actcap.storage.run import RunWriter
 from tests.conftest import SHARED_DATA
-
-if os.environ.get("CI") != "true":
-    pytest.importorskip("ray", reason="pip install 'actcap[ray]' to run the Ray tests")
-
-from actcap.bench.distributed import RayOptions, run_benchmark_ray  # noqa: E402
 
 MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
 CAPTURE = CaptureSpec(layers=None)

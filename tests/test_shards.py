@@ -261,3 +261,26 @@ def test_file_urls_are_local_runs(tiny_lm, files_run, tmp_path):
 def test_a_url_refuses_one_file_per_sample(tiny_lm, memory_url):
     with pytest.raises(RunError, match="sharded storage only"):
         evaluate(tiny_lm, memory_url, storage="files")
+
+
+def test_cli_eval_into_shards_and_inspect_a_sample(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_model_dir), "--limit", "6", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--storage", "shards", "--shard-size", "30KB"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "shards").glob("*.shard"))) >= 2
+    qid = open_run(out).entries[0].id
+    shown = CliRunner().invoke(cli, ["inspect", str(out), "--sample", qid, "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["path"].endswith(f"@{open_run(out).entries[0].record['offset']}")
+    assert data["tensors"]["layer_0"]["shape"][1] == 32
+    assert json.loads(data["metadata"]["extra"])["question_id"] == qid
+    bare = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert bare.exit_code == 2 and "pass --sample ID" in bare.output
+    bad = CliRunner().invoke(cli, [*args, "--resume", "--shard-size", "lots"])
+    assert bad.exit_code == 2 and "is no size" in bad.output

@@ -11,15 +11,36 @@ from actcap.cli.common import human_bytes, reports_errors
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path")
+@click.option(
+    "--sample",
+    default=None,
+    help="With a run directory or URL (either layout, files or shards): the sample id to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
 @reports_errors
-def inspect_file(path: str, as_json: bool) -> None:
-    """Show the sites, shapes, dtypes, metadata and size on disk of an activation file."""
+def inspect_file(path: str, sample: str | None, as_json: bool) -> None:
+    """Show the sites, shapes, dtypes, metadata and size of an activation file or run sample."""
     from actcap.storage.files import ActivationFile
+    from actcap.storage.format import ShardSlice
+    from actcap.storage.location import is_url
+    from actcap.storage.run import open_run
 
-    with ActivationFile(path) as f:
-        size = Path(path).stat().st_size
+    source: str | ShardSlice = path
+    if sample is not None or is_url(path) or Path(path).is_dir():
+        info = open_run(path)
+        if sample is None:
+            shown = ", ".join(e.id for e in info.entries[:5])
+            raise click.UsageError(
+                f"{path} is a run of {len(info.entries)} samples ({shown}, ...); pass --sample ID."
+            )
+        found = info.find(sample).source(info.root)
+        if found is None:
+            raise click.UsageError(f"sample {sample!r} was run without capture.")
+        source = found if isinstance(found, ShardSlice) else str(found)
+    with ActivationFile(source) as f:
+        size = source.length if isinstance(source, ShardSlice) else Path(source).stat().st_size
+        path = f.label
         rows = [
             (name, f.shape(name), f.dtype(name))
             for name in [*f.sites, *(n for n in ("input_ids", "output_ids") if n in f.names)]
