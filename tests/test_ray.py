@@ -163,3 +163,19 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
     bench = load_benchmark(f"mmlu:{MMLU}").limited(24)
     run_benchmark(lm, bench, capture=CAPTURE, options=options, out=ref, progress=False)
     assert_equal_runs(ref, out)
+
+
+def test_workers_write_through_the_object_store_path(
+    ray_cluster, tiny_model_dir, reference, tmp_path
+):
+    """A ``local://`` URL goes through fsspec like s3:// would (no append, no rename, no lock):
+    each worker seals one shard object and one manifest segment per batch."""
+    url = f"local://{tmp_path}/run"
+    result = run_ray(tiny_model_dir, url)
+    assert result.n == 24 and result.out == url
+    assert_equal_runs(reference, url)
+    info = open_run(url)
+    assert info.config["storage"] == "shards"
+    assert not (tmp_path / "run" / ".lock").exists()  # not the local POSIX writer
+    assert len(list((tmp_path / "run" / "shards").glob("*.shard"))) == 6  # 24 questions / batch 4
+    assert not list((tmp_path / "run" / "manifests").iterdir())
