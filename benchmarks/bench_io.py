@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from actcap.storage import SampleMeta, load_activations, save_activations
+from actcap.storage import RunWriter, SampleMeta, load_activations, save_activations
 from benchmarks.common import Figures
 
 
@@ -44,11 +44,27 @@ def writer(args: Any, figures: Figures) -> None:
         for i in range(n_files):
             save_activations(Path(tmp) / f"s{i}.safetensors", acts, SampleMeta("p"))
         ours = n_files * size / (time.perf_counter() - t0) / 1e6
-    print(f"\n## writer: {n_files} files of {size / 1e6:.1f} MB, fsync each")
+        # The same samples through a run directory, one file each and into a shard.
+        rates = {}
+        for layout in ("files", "shards"):
+            with RunWriter.open(Path(tmp) / layout, {"model": "m"}, storage=layout) as run:
+                t0 = time.perf_counter()
+                for i in range(n_files):
+                    run.write_sample(f"s{i}", {}, acts, SampleMeta("p"))
+                rates[layout] = n_files * size / (time.perf_counter() - t0) / 1e6
+    print(f"\n## writer: {n_files} samples of {size / 1e6:.1f} MB, fsync each")
     print(f"raw disk (dd oflag=direct, fsync) {raw:8.1f} MB/s")
     print(f"actcap save_activations           {ours:8.1f} MB/s  ({ours / raw:.0%} of raw)")
+    print(
+        f"run directory, a file per sample  {rates['files']:8.1f} MB/s  ({rates['files'] / raw:.0%} of raw)"
+    )
+    print(
+        f"run directory, shards             {rates['shards']:8.1f} MB/s  ({rates['shards'] / raw:.0%} of raw)"
+    )
     figures.add("writer", "dd oflag=direct", mb_s=raw)
     figures.add("writer", "actcap save_activations", mb_s=ours, fraction_of_raw=ours / raw)
+    for layout, rate in rates.items():
+        figures.add("writer", f"run directory ({layout})", mb_s=rate, fraction_of_raw=rate / raw)
 
 
 def loading(args: Any, figures: Figures) -> None:

@@ -284,3 +284,31 @@ def test_cli_eval_into_shards_and_inspect_a_sample(tiny_model_dir, tmp_path):
     assert bare.exit_code == 2 and "pass --sample ID" in bare.output
     bad = CliRunner().invoke(cli, [*args, "--resume", "--shard-size", "lots"])
     assert bad.exit_code == 2 and "is no size" in bad.output
+
+
+def test_encoded_samples_are_exact_safetensors_files(tmp_path):
+    from safetensors import safe_open
+
+    from actcap.storage.files import encode_sample
+
+    acts = {
+        "embeddings": torch.randn(5, 7),
+        "layer_0": torch.randn(5, 7).to(torch.bfloat16),
+        "layer_0.mlp": torch.randn(7).half(),
+        "layer_1": torch.zeros(0, 7),
+        "mask": torch.tensor([True, False, True]),
+        "odd": torch.arange(3, dtype=torch.int8),  # 3 bytes: later offsets are not aligned
+        "layer_2": torch.randn(3, 2, 4)[:, 1],  # not contiguous
+    }
+    meta = SampleMeta('a prompt with \u00e9 and "quotes"', response="r", extra={"k": [1, 2]})
+    parts = encode_sample("x", acts, meta, input_ids=torch.arange(5))
+    blob = b"".join(bytes(p) for p in parts)
+    loaded = load_safetensors_bytes(blob)
+    assert loaded.keys() == {*acts, "input_ids"}
+    for name, t in acts.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    (tmp_path / "x.safetensors").write_bytes(blob)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata()["prompt"] == meta.prompt
+        assert torch.equal(f.get_tensor("input_ids"), torch.arange(5))
+    assert load_activations(tmp_path / "x.safetensors")["metadata"]["extra"] == {"k": [1, 2]}

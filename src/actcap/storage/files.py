@@ -70,6 +70,7 @@ _TORCH_DTYPES = {
     "U64": torch.uint64,
     "F64": torch.float64,
 }
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
 def site_sort_key(name: str) -> tuple[int, int, str]:
@@ -157,16 +158,34 @@ def encode_sample(
     *,
     input_ids: Tensor | None = None,
     output_ids: Tensor | None = None,
-) -> bytes:
-    """One sample as the bytes of a safetensors file (what a shard stores per sample).
+) -> list[memoryview]:
+    """One sample as the parts of a safetensors file: its header, then each tensor's bytes.
+
+    Writing the parts one after another gives exactly the bytes ``safetensors.torch.save``
+    would (its layout: an 8-byte little-endian header size, a JSON header padded with spaces to
+    8 bytes, the tensors back to back), without first copying every tensor into one buffer, which
+    made appending to a shard 2-3x slower than ``save_file``. Readers check it all the same.
 
     Raises:
         FormatError: When a site is named like a token-id tensor.
     """
-    from safetensors.torch import save
-
     tensors = sample_tensors(label, activations, input_ids, output_ids)
-    return bytes(save(tensors, metadata=meta.to_header()))
+    header: dict[str, Any] = {"__metadata__": meta.to_header()}
+    parts: list[memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        parts.append(raw.numpy().data)
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [memoryview(struct.pack("<Q", len(text)) + text), *parts]
 
 
 def save_activations(

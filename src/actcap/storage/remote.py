@@ -111,7 +111,7 @@ class RemoteRunWriter:
         where: dict[str, int] = {}
         try:
             if activations is not None and meta is not None:
-                data = encode_sample(
+                parts = encode_sample(
                     sample_id, activations, meta, input_ids=input_ids, output_ids=output_ids
                 )
                 if self._file is None:
@@ -121,9 +121,11 @@ class RemoteRunWriter:
                     self._file = self._fs.open(f"{self._path}/{SHARDS}/{name}", "wb")
                     self._size = 0
                 rel = f"{SHARDS}/{shard_name(self.writer_id, self._sequence)}"
-                where = {"offset": self._size, "length": len(data)}
-                self._file.write(data)
-                self._size += len(data)
+                length = sum(p.nbytes for p in parts)
+                where = {"offset": self._size, "length": length}
+                for part in parts:
+                    self._file.write(part)
+                self._size += length
         except OSError as e:
             raise RunError(f"{self.root}: cannot write sample {sample_id!r} ({e}).") from e
         line = {

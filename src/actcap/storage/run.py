@@ -390,10 +390,10 @@ class RunWriter:
         try:
             if activations is not None and meta is not None:
                 if self.storage == "shards":
-                    data = encode_sample(
+                    parts = encode_sample(
                         sample_id, activations, meta, input_ids=input_ids, output_ids=output_ids
                     )
-                    name, offset, length = self._shards.append(data)
+                    name, offset, length = self._shards.append(parts)
                     rel, where = f"{SHARDS}/{name}", {"offset": offset, "length": length}
                 else:
                     rel = f"{SAMPLES}/{sample_filename(sample_id)}"

@@ -54,8 +54,8 @@ class ShardAppender:
         self._size = 0
         fsync_dir(self.folder)
 
-    def append(self, data: bytes) -> tuple[str, int, int]:
-        """Append one sample's bytes and fsync them.
+    def append(self, parts: list[memoryview]) -> tuple[str, int, int]:
+        """Append one sample's bytes (given in parts) and fsync them.
 
         Returns:
             ``(shard file name, offset, length)``.
@@ -68,11 +68,13 @@ class ShardAppender:
             self._roll()
         offset = self._size
         name = shard_name(self.writer_id, self._sequence)
+        length = sum(p.nbytes for p in parts)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            for part in parts:
+                view = part.cast("B")
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
             os.fsync(self._fd)
         except OSError as e:
             # If this fails too, the manifest never names these bytes: readers never reach them.
@@ -80,8 +82,8 @@ class ShardAppender:
                 os.ftruncate(self._fd, offset)
             what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise WriteError(f"{self.folder / name}: cannot append a sample ({what}).") from e
-        self._size += len(data)
-        return name, offset, len(data)
+        self._size += length
+        return name, offset, length
 
     def close(self) -> None:
         """Close the current shard."""
