@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from actcap.analysis import directory_summary, list_samples, load_vectors
+from actcap.analysis import build_report, directory_summary, list_samples, load_vectors
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.errors import RunError, UnknownNameError
@@ -211,7 +211,7 @@ def memory_url():
         fs.rm(url.removeprefix("memory://"), recursive=True)
 
 
-def test_a_run_at_an_fsspec_url_equals_a_local_one(tiny_lm, files_run, memory_url):
+def test_a_run_at_an_fsspec_url_equals_a_local_one(tiny_lm, files_run, memory_url, tmp_path):
     result = evaluate(tiny_lm, memory_url, shard_bytes=60_000)  # auto: shards at a URL
     assert result.out == memory_url
     info = open_run(memory_url)
@@ -224,6 +224,8 @@ def test_a_run_at_an_fsspec_url_equals_a_local_one(tiny_lm, files_run, memory_ur
     assert all(isinstance(r.path, ShardSlice) for r in refs)
     summary = directory_summary(memory_url)
     assert summary.n_files == 12 and not len(summary.skipped)
+    report = build_report(memory_url, tmp_path / "report.html")
+    assert "actcap report: run" in report.read_text() and "<img" in report.read_text()
 
 
 def test_a_url_run_loses_only_its_open_shard_and_resumes(tiny_lm, files_run, memory_url):

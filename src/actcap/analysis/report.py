@@ -13,6 +13,7 @@ from typing import Any
 from actcap.analysis.figures import make_figures
 from actcap.analysis.sources import list_samples, run_config
 from actcap.storage.files import atomic_write_bytes
+from actcap.storage.location import is_url
 
 _SCRIPT = """
 const rows = () => Array.from(document.querySelectorAll('#samples tbody tr'));
@@ -78,7 +79,8 @@ def build_report(
     Returns:
         The path written.
     """
-    root = Path(directory)
+    root: str | Path = os.fspath(directory) if is_url(directory) else Path(directory)
+    name = os.fspath(root).rstrip("/").rsplit("/", 1)[-1]
     info = run_config(root) or {"config": {}, "results": None}
     config, results = info["config"], info["results"] or {}
     samples = list_samples(root)
@@ -86,9 +88,9 @@ def build_report(
         figs = make_figures(root, tmp, site, target)
         images = [(f.title, base64.b64encode(f.path.read_bytes()).decode()) for f in figs.figures]
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>actcap report: {_e(root.name)}</title><style>{_STYLE}</style></head><body>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>actcap report: {_e(name)}</title><style>{_STYLE}</style></head><body>"
     ]
-    parts.append(f"<h1>actcap report: {_e(root.name)}</h1>")
+    parts.append(f"<h1>actcap report: {_e(name)}</h1>")
     parts.append(
         f"<p>Model <b>{_e(config.get('model', '?'))}</b> on <b>{_e(config.get('benchmark', '?'))}</b>, {len(samples)} samples.</p>"
     )
