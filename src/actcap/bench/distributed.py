@@ -234,11 +234,12 @@ def _run_on_ray(
     import ray
     import ray.data
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file under the home folder
     started_here = not ray.is_initialized()
     if started_here:
         init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if ray_options.address is None:
+            # A private local cluster: no auth token written under the home folder.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             # A local cluster with room for the actors and for Ray Data's own small tasks.
             need = ray_options.workers * ray_options.cpus_per_worker + 1
             init["num_cpus"] = max(int(need + 0.999), os.cpu_count() or 1)
