@@ -75,6 +75,9 @@ def test_sharded_run_holds_the_same_samples_as_files(files_run, shards_run):
     assert len(shards) >= 3  # rolled over at the (small) size limit
     assert_same_samples(files_run, shards_run)
     assert json.loads((shards_run / "run.json").read_text())["storage"] == "shards"
+    # Versions that know only one file per sample refuse a sharded run instead of misreading it.
+    assert json.loads((shards_run / "run.json").read_text())["run_format_version"] == 2
+    assert json.loads((files_run / "run.json").read_text())["run_format_version"] == 1
 
 
 def test_manifest_is_an_index_readable_without_actcap(shards_run):

@@ -55,7 +55,10 @@ RESULTS = "results.json"
 SAMPLES = "samples"
 SHARDS = "shards"
 LOCK = ".lock"
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2
+"""The newest run layout this actcap reads. 1: a file per sample, one manifest. 2: shards (manifest
+lines with offset and length) and manifest segments. A run records the oldest version that reads
+it, so a run of one file per sample stays readable by actcap versions that know only 1."""
 SHARD_BYTES = 1 << 30
 """Shards are closed and a new one begun once they reach this size (1 GiB)."""
 AUTO_SHARD_SAMPLES = 10_000
@@ -525,7 +528,8 @@ def check_run_config(
                 )
         if resume and has_samples:
             return None  # keep the original run.json (its start time, its versions)
-    record = {"run_format_version": RUN_FORMAT_VERSION, "format_version": FORMAT_VERSION, **config}
+    version = 2 if config.get("storage") == "shards" else 1
+    record = {"run_format_version": version, "format_version": FORMAT_VERSION, **config}
     return json.dumps(record, indent=2, ensure_ascii=False, default=str).encode()
 
 
