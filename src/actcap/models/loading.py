@@ -258,9 +258,7 @@ def _load_uncached(
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _left_padding(tokenizer)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=spec, source=source, layout=find_layout(model)
     )
@@ -287,12 +285,17 @@ def load_skeleton(spec: str) -> LoadedModel:
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"Cannot read model {spec!r}: {e}") from e
     model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _left_padding(tokenizer)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=spec, source=source, layout=find_layout(model)
     )
+
+
+def _left_padding(tokenizer: Any) -> None:
+    """Pad on the left (batched generation and capture need it), with EOS when there is no pad."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, name: str = "custom") -> LoadedModel:
@@ -304,9 +307,7 @@ def wrap_model(model: nn.Module, tokenizer: Any, name: str = "custom") -> Loaded
         name: The name stored in activation files.
     """
     model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _left_padding(tokenizer)
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, source=name, layout=find_layout(model)
     )

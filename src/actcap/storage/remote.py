@@ -30,7 +30,9 @@ from actcap.storage.run import (
     SHARDS,
     ManifestEntry,
     check_run_config,
+    manifest_line,
     manifest_names,
+    merged_manifest,
     new_writer_id,
     read_all_manifests,
 )
@@ -128,12 +130,7 @@ class RemoteRunWriter:
                 self._size += length
         except OSError as e:
             raise RunError(f"{self.root}: cannot write sample {sample_id!r} ({e}).") from e
-        line = {
-            "id": sample_id,
-            "file": rel,
-            **where,
-            **{k: v for k, v in record.items() if k not in ("id", "file", "offset", "length")},
-        }
+        line = manifest_line(sample_id, rel, where, record)
         self._pending.append(line)
         if self._file is None or self._size >= self.shard_bytes:
             self.flush()
@@ -168,14 +165,8 @@ class RemoteRunWriter:
     def merge_segments(self, order: Iterable[str] | None = None) -> int:
         """Fold the segments into ``manifest.jsonl`` (written whole), then remove them."""
         self.flush()
-        entries = read_all_manifests(self.root)
-        by_id = {e.id: e for e in entries}
-        ordered = [by_id.pop(i) for i in order or () if i in by_id]
-        ordered += [e for e in entries if e.id in by_id]
         segments = [n for n in manifest_names(self.root) if n != MANIFEST]
-        data = b"".join(
-            (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
-        )
+        ordered, data = merged_manifest(self.root, order)
         try:
             self._fs.pipe_file(f"{self._path}/{MANIFEST}", data)
             for name in segments:

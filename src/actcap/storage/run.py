@@ -192,6 +192,33 @@ def read_all_manifests(root: PathOrUrl) -> list[ManifestEntry]:
     return list(seen.values())
 
 
+def manifest_line(
+    sample_id: str, file: str | None, where: Mapping[str, int], record: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A manifest line: id, file, offset and length (in a shard), then the rest of the record."""
+    reserved = ("id", "file", "offset", "length")
+    return {
+        "id": sample_id,
+        "file": file,
+        **where,
+        **{k: v for k, v in record.items() if k not in reserved},
+    }
+
+
+def merged_manifest(
+    root: PathOrUrl, order: Iterable[str] | None
+) -> tuple[list[ManifestEntry], bytes]:
+    """All of a run's manifests as one: one line per id, those in ``order`` first, and its bytes."""
+    entries = read_all_manifests(root)
+    by_id = {e.id: e for e in entries}
+    ordered = [by_id.pop(i) for i in order or () if i in by_id]
+    ordered += [e for e in entries if e.id in by_id]
+    data = b"".join(
+        (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
+    )
+    return ordered, data
+
+
 class DoneIndex:
     """The ids finished by any writer of a local run, kept current by reading only new bytes.
 
@@ -407,12 +434,7 @@ class RunWriter:
                         input_ids=input_ids,
                         output_ids=output_ids,
                     )
-            line = {
-                "id": sample_id,
-                "file": rel,
-                **where,
-                **{k: v for k, v in record.items() if k not in ("id", "file", "offset", "length")},
-            }
+            line = manifest_line(sample_id, rel, where, record)
             data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
             self._manifest.write(data)
             self._manifest.flush()
@@ -454,16 +476,10 @@ class RunWriter:
         """
         if self._lock_fd < 0:
             raise RunError(f"{self.root}: only the run's main writer merges manifests.")
-        entries = read_all_manifests(self.root)
-        by_id = {e.id: e for e in entries}
-        ordered = [by_id.pop(i) for i in order or () if i in by_id]
-        ordered += [e for e in entries if e.id in by_id]
         segments = [n for n in manifest_names(self.root) if n != MANIFEST]
+        ordered, data = merged_manifest(self.root, order)
         if not segments:
             return len(ordered)
-        data = b"".join(
-            (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
-        )
         with contextlib.suppress(OSError):
             self._manifest.close()
         atomic_write_bytes(self.root / MANIFEST, data)
