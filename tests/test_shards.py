@@ -203,6 +203,8 @@ def test_segments_of_extra_writers_merge_once_per_id(tmp_path):
     assert load_activations(root, sample_id="q2")["activations"]["layer_0"].sum() == 8
     with RunWriter.attach(root, "wc") as extra, pytest.raises(RunError, match="main writer"):
         extra.merge_segments()
+    # A writer that never wrote (a worker still starting when the run ended) leaves no segment.
+    assert not (root / "manifests" / "wc.jsonl").exists()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from torch import Tensor
 
@@ -285,10 +285,9 @@ class RunWriter:
         self.storage: str = storage
         self.writer_id = writer_id or new_writer_id()
         self.manifest_name = MANIFEST if lock_fd >= 0 else f"{MANIFESTS}/{self.writer_id}.jsonl"
-        manifest = root / self.manifest_name
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_line(manifest)
-        self._manifest = open(manifest, "ab")  # noqa: SIM115 - closed in close()
+        # An extra writer's segment is created with its first sample, so a worker that writes
+        # nothing (one still starting when the run ends) leaves no file behind after the merge.
+        self._manifest: BinaryIO | None = self._open_manifest() if lock_fd >= 0 else None
         self.done: dict[str, ManifestEntry] = {e.id: e for e in read_all_manifests(root)}
         self._shards = ShardAppender(root / SHARDS, self.writer_id, shard_bytes)
 
@@ -436,6 +435,8 @@ class RunWriter:
                     )
             line = manifest_line(sample_id, rel, where, record)
             data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
+            if self._manifest is None:
+                self._manifest = self._open_manifest()
             self._manifest.write(data)
             self._manifest.flush()
             os.fsync(self._manifest.fileno())
@@ -449,14 +450,25 @@ class RunWriter:
         self.done[sample_id] = entry
         return entry
 
+    def _open_manifest(self) -> BinaryIO:
+        """Open this writer's manifest for appending, after cutting a torn last line."""
+        path = self.root / self.manifest_name
+        new = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_line(path)
+        handle = open(path, "ab")  # noqa: SIM115 - closed in close()
+        if new:
+            fsync_dir(path.parent)  # the new file's name is durable too
+        return handle
+
     def _repair_manifest(self) -> None:
         """After a failed append, cut any partial line so the manifest stays whole."""
+        if self._manifest is not None:
+            with contextlib.suppress(OSError):
+                self._manifest.close()
+        self._manifest = None
         with contextlib.suppress(OSError):
-            self._manifest.close()
-        path = self.root / self.manifest_name
-        with contextlib.suppress(OSError):
-            _cut_torn_line(path)
-        self._manifest = open(path, "ab")  # noqa: SIM115
+            self._manifest = self._open_manifest()
 
     def flush(self) -> None:
         """Nothing to do: every sample is durable once written (object-store writers differ)."""
@@ -480,8 +492,9 @@ class RunWriter:
         ordered, data = merged_manifest(self.root, order)
         if not segments:
             return len(ordered)
-        with contextlib.suppress(OSError):
-            self._manifest.close()
+        if self._manifest is not None:
+            with contextlib.suppress(OSError):
+                self._manifest.close()
         atomic_write_bytes(self.root / MANIFEST, data)
         self._manifest = open(self.root / MANIFEST, "ab")  # noqa: SIM115
         for name in segments:
@@ -498,8 +511,9 @@ class RunWriter:
 
     def close(self) -> None:
         """Close the manifest and shards, and release the lock."""
-        with contextlib.suppress(OSError):
-            self._manifest.close()
+        if self._manifest is not None:
+            with contextlib.suppress(OSError):
+                self._manifest.close()
         self._shards.close()
         fsync_dir(self.root / SAMPLES)
         if self._lock_fd >= 0:
