@@ -214,3 +214,31 @@ def test_export_memory_does_not_grow_with_the_run(tmp_path, to):
     assert peaks[400] - peaks[40] < 90, peaks
     n_rows = json.loads((tmp_path / "out400" / "_export.json").read_text())["n_rows"]
     assert n_rows == 400 * 256
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "call"),
+    [
+        ("pyarrow", "export", lambda run, out: export_site(run, "layer_1", out, to="parquet")),
+        ("datasets", "hf", lambda run, out: export_site(run, "layer_1", out, to="hf-dataset")),
+        (
+            "ray",
+            "ray",
+            lambda run, out: __import__(
+                "actcap.bench.distributed"
+            ).bench.distributed.run_benchmark_ray("default", load_benchmark("demo"), out),
+        ),
+    ],
+)
+def test_missing_extras_say_what_to_install(run_dir, tmp_path, monkeypatch, module, extra, call):
+    import importlib.util
+
+    from actcap.errors import MissingDependencyError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == module else real(n, *a)
+    )
+    with pytest.raises(MissingDependencyError, match=rf"pip install 'actcap\[{extra}\]'"):
+        call(run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written

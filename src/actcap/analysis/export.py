@@ -171,6 +171,10 @@ def export_site(
         raise UnknownNameError(f"Unknown export format {to!r}; use parquet, hf-dataset or npy.")
     if rows not in ("tokens", "samples"):
         raise UnknownNameError(f"Unknown row layout {rows!r}; use tokens or samples.")
+    if to in ("parquet", "hf-dataset"):
+        require("pyarrow", "export", f"Export to {to}")
+    if to == "hf-dataset":
+        require("datasets", "hf", "Export to a Hugging Face dataset")
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FormatError(f"{target}: exists and is not an empty folder; choose another --out.")
@@ -183,13 +187,11 @@ def export_site(
     if to == "npy":
         result = _write_npy(samples, site, rows, reduce, np_dtype, hidden, target, skipped)
     elif to == "parquet":
-        require("pyarrow", "export", "Export to Parquet")
         files, n_rows, n_samples = _write_parquet(
             blocks, hidden, dtype, target, group_rows, rows_per_file
         )
         result = ExportResult(target, n_rows, n_samples, hidden, files, skipped)
     else:
-        require("datasets", "hf", "Export to a Hugging Face dataset")
         n_rows, n_samples = _write_hf(blocks, hidden, dtype, target, group_rows)
         result = ExportResult(target, n_rows, n_samples, hidden, [target], skipped)
     info = {
