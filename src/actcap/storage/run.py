@@ -318,7 +318,8 @@ class RunWriter:
         """
         path = local_path(root)
         try:
-            path.mkdir(parents=True, exist_ok=True)  # samples/ or shards/ appear with their first sample
+            # samples/ or shards/ appear with their first sample.
+            path.mkdir(parents=True, exist_ok=True)
             lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError as e:
             raise RunError(
