@@ -319,3 +319,19 @@ def test_encoded_samples_are_exact_safetensors_files(tmp_path):
         assert f.metadata()["prompt"] == meta.prompt
         assert torch.equal(f.get_tensor("input_ids"), torch.arange(5))
     assert load_activations(tmp_path / "x.safetensors")["metadata"]["extra"] == {"k": [1, 2]}
+
+
+def test_a_truncated_shard_is_reported_and_skipped(tiny_lm, tmp_path):
+    from actcap.errors import FormatError
+
+    out = tmp_path / "run"
+    evaluate(tiny_lm, out, storage="shards", limit=4)
+    entries = open_run(out).entries
+    shard = out / entries[-1].file
+    with open(shard, "r+b") as f:
+        f.truncate(entries[-1].record["offset"] + 20)  # the last sample's bytes cut short
+    with pytest.raises(FormatError, match="truncated|not a safetensors"):
+        load_activations(out, sample_id=entries[-1].id)
+    summary = directory_summary(out)
+    assert summary.n_files == 3 and len(summary.skipped) == 1
+    assert str(shard) in summary.skipped.files[0][0]

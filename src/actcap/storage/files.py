@@ -365,15 +365,16 @@ class ActivationFile:
             self.path = Path(self.slice.shard)
             self.label = str(self.slice)
             part = self.slice
-            self.header = parse_header(
-                lambda start, n: read_range(
-                    part.shard, part.offset + start, part.offset + start + n
-                ),
-                part.length,
-                self.label,
-            )
-            (n,) = struct.unpack("<Q", read_range(part.shard, part.offset, part.offset + 8))
-            self._data_start = part.offset + 8 + n
+            header_bytes = 0
+
+            def read(start: int, n: int) -> bytes:
+                nonlocal header_bytes
+                if start == 8:
+                    header_bytes = n  # parse_header reads the JSON header right after its size
+                return read_range(part.shard, part.offset + start, part.offset + start + n)
+
+            self.header = parse_header(read, part.length, self.label)
+            self._data_start = part.offset + 8 + header_bytes
         else:
             self.path = Path(path)  # type: ignore[arg-type]  # not a ShardSlice here
             self.label = str(self.path)
