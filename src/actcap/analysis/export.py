@@ -185,7 +185,7 @@ def export_site(
     blocks = _blocks(samples, site, rows, reduce, np_dtype, skipped)
     target.mkdir(parents=True, exist_ok=True)
     if to == "npy":
-        result = _write_npy(samples, site, rows, reduce, np_dtype, hidden, target, skipped)
+        result = _write_npy(blocks, samples, site, rows, np_dtype, hidden, target, skipped)
     elif to == "parquet":
         files, n_rows, n_samples = _write_parquet(
             blocks, hidden, dtype, target, group_rows, rows_per_file
@@ -336,10 +336,10 @@ def _write_hf(
 
 
 def _write_npy(
+    blocks: Iterator[_Block],
     samples: list[SampleRef],
     site: str,
     rows: Rows,
-    reduce: Reduce,
     dtype: Any,
     hidden: int,
     target: Path,
@@ -373,7 +373,7 @@ def _write_npy(
             }
             np.lib.format.write_array_header_1_0(stream, header)
         with open(target / "samples.jsonl", "w") as meta:
-            for block in _blocks(samples, site, rows, reduce, dtype, skipped):
+            for block in blocks:
                 k = len(block.position)
                 if row + k > total:
                     raise FormatError(

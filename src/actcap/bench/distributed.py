@@ -33,7 +33,6 @@ from actcap.bench.runner import (
     answer_batch,
     finish_run,
     plan_questions,
-    resolve_run_storage,
     run_config,
     run_sites,
     write_args,
@@ -42,7 +41,14 @@ from actcap.capture.spec import CaptureSpec
 from actcap.errors import RunError, require
 from actcap.models.loading import load_model, load_skeleton
 from actcap.storage.location import is_url, local_path
-from actcap.storage.run import SHARD_BYTES, DoneIndex, Storage, new_writer_id, read_all_manifests
+from actcap.storage.run import (
+    SHARD_BYTES,
+    DoneIndex,
+    Storage,
+    new_writer_id,
+    read_all_manifests,
+    resolve_storage,
+)
 from actcap.storage.writers import attach_writer, open_writer
 
 WORKERS = "workers"
@@ -183,7 +189,7 @@ def run_benchmark_ray(
     bench = benchmark.limited(options.limit)
     skeleton = load_skeleton(model)
     sites = run_sites(skeleton, capture)
-    layout = resolve_run_storage(storage, len(bench.questions), out)
+    layout = resolve_storage(storage, len(bench.questions), out)
     config = run_config(skeleton, bench, capture, sites, options, layout)
     writer = open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
     try:

@@ -30,7 +30,6 @@ from actcap.errors import BenchmarkError
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
-from actcap.storage.location import is_url
 from actcap.storage.run import SHARD_BYTES, ManifestEntry, Storage, resolve_storage
 from actcap.storage.writers import SampleWriter, open_writer
 
@@ -389,7 +388,7 @@ def run_benchmark(
     options = options or EvalOptions()
     bench = benchmark.limited(options.limit)
     sites = run_sites(lm, capture)
-    layout = resolve_run_storage(storage, len(bench.questions), out)
+    layout = resolve_storage(storage, len(bench.questions), out)
     config = run_config(lm, bench, capture, sites, options, layout)
     writer = (
         open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
@@ -445,15 +444,6 @@ def run_benchmark(
                 background.close()  # on an error path: finish what is queued, keep the first error
         if writer is not None:
             writer.close()
-
-
-def resolve_run_storage(
-    storage: str, n_questions: int, out: str | os.PathLike[str] | None
-) -> Literal["files", "shards"]:
-    """The storage layout of a run: ``auto`` is shards at a URL or above 10,000 questions."""
-    if storage == "auto" and out is not None and is_url(out):
-        return "shards"
-    return resolve_storage(storage, n_questions)
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

@@ -120,6 +120,17 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     return out
 
 
+def apply_options(options: list[Any]) -> Callable[[F], F]:
+    """Apply a list of click options to a command, in the order listed."""
+
+    def decorate(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 placement_options = [
     click.option(
         "--device-map",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from actcap.cli.common import (
+    apply_options,
     device_option,
     dtype_option,
     layers_option,
@@ -21,18 +21,6 @@ from actcap.cli.common import (
     sites_option,
     token_option,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _apply(options: list[Any]) -> Callable[[F], F]:
-    def decorate(fn: F) -> F:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
-
 
 scale_options = [
     click.option(
@@ -167,8 +155,8 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     help="Column names for generic files: question=COL, answer=COL, choices=COL, id=COL, category=COL.",
 )
 @device_option
-@_apply(placement_options)
-@_apply(scale_options)
+@apply_options(placement_options)
+@apply_options(scale_options)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def eval_command(**kw: Any) -> None:

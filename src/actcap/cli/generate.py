@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from actcap.cli.common import (
+    apply_options,
     device_option,
     dtype_option,
     layers_option,
@@ -30,9 +31,7 @@ from actcap.cli.common import (
 @token_option
 @dtype_option
 @device_option
-@placement_options[0]
-@placement_options[1]
-@placement_options[2]
+@apply_options(placement_options)
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--capture-generated", is_flag=True, help="Also capture the answer's tokens.")
 @reports_errors

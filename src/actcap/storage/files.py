@@ -482,6 +482,8 @@ def load_activations(
         trust_pickle: Allow a pickle that ``torch.load(weights_only=True)`` refuses. Unpickling
             can run arbitrary code: only pass True for files you made yourself.
         sample_id: With a run directory (either layout, files or shards), the sample to load.
+            This reads the run's manifests on each call; to go through many samples, iterate
+            ``open_run(run).sample_paths()`` and pass each source here instead.
 
     Returns:
         ``{"prompt", "response", "model", "timestamp", "input_ids", "output_ids",

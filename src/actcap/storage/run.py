@@ -69,14 +69,17 @@ Storage = Literal["files", "shards", "auto"]
 """One file per sample, many samples per shard, or shards above :data:`AUTO_SHARD_SAMPLES`."""
 
 
-def resolve_storage(storage: str, n_samples: int) -> Literal["files", "shards"]:
-    """The layout a run gets: ``auto`` means shards above :data:`AUTO_SHARD_SAMPLES` samples.
+def resolve_storage(
+    storage: str, n_samples: int, out: PathOrUrl | None = None
+) -> Literal["files", "shards"]:
+    """The layout a run gets: ``auto`` means shards at a URL or above :data:`AUTO_SHARD_SAMPLES`.
 
     Raises:
         RunError: For an unknown layout name.
     """
     if storage == "auto":
-        return "shards" if n_samples > AUTO_SHARD_SAMPLES else "files"
+        big = n_samples > AUTO_SHARD_SAMPLES
+        return "shards" if big or (out is not None and is_url(out)) else "files"
     if storage not in ("files", "shards"):
         raise RunError(f"Unknown storage layout {storage!r}; use files, shards or auto.")
     return storage  # type: ignore[return-value]
@@ -178,16 +181,9 @@ def read_all_manifests(root: PathOrUrl) -> list[ManifestEntry]:
     seen: dict[str, ManifestEntry] = {}
     for name in manifest_names(text):
         location = join(text, name)
-        if is_url(text):
-            if not exists(location):
-                continue
-            data = read_bytes(location)
-        else:
-            p = local_path(location)
-            if not p.exists():
-                continue
-            data = p.read_bytes()
-        for e in parse_manifest(data, location):
+        if not exists(location):
+            continue
+        for e in parse_manifest(read_bytes(location), location):
             seen.setdefault(e.id, e)
     return list(seen.values())
 
