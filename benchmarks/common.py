@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MMLU_FILE = SHARED / "mmlu" / "test" / "high_school_geography_test.csv"
+DATA = Path(__file__).resolve().parents[1] / "data"
+MMLU_FILE = DATA / "mmlu" / "test" / "high_school_geography_test.csv"
 
 PROMPTS = [
     "What is the capital of France?",

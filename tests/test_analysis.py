@@ -24,9 +24,9 @@ from actcap.capture import CaptureSpec
 from actcap.cli.main import cli
 from actcap.errors import ActcapError
 from actcap.storage import SampleMeta, load_activations, open_run, save_activations
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from actcap.capture import CaptureSpec, GenerationOptions, run_prompts
 from actcap.cli.main import cli
 from actcap.models import load_model
 from actcap.storage import load_activations, open_run
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
 PROMPTS = ["What is the capital of France?", "2 + 2 = ?", "the quick brown fox jumps over the dog"]
 EVERY_SITE = CaptureSpec(layers=None, kinds=("resid", "attn", "mlp"))
-MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
 
 
 @pytest.fixture(scope="module")

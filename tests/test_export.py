@@ -14,9 +14,9 @@ from actcap.capture import CaptureSpec
 from actcap.cli.main import cli
 from actcap.errors import FormatError, UnknownNameError
 from actcap.storage import load_activations, open_run
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
 
 
 def evaluate(lm, out, capture, **kw):

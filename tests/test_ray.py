@@ -18,9 +18,9 @@ from actcap.capture import CaptureSpec
 from actcap.models import load_model
 from actcap.storage import load_activations, open_run
 from actcap.storage.run import RunWriter
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
 CAPTURE = CaptureSpec(layers=None)
 OPTIONS = EvalOptions(batch_size=4)
 

@@ -10,7 +10,7 @@ from actcap.analysis import build_report
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.storage import open_run
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import DATA, REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -55,7 +55,7 @@ def test_report_renders_and_filters(browser, tiny_lm, tmp_path):
 
     out = tmp_path / "run"
     bench = load_benchmark(
-        f"mmlu:{SHARED_DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}"
+        f"mmlu:{DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}"
     ).limited(16)
     result = run_benchmark(
         tiny_lm,

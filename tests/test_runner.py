@@ -14,9 +14,9 @@ from actcap.capture import CaptureSpec
 from actcap.cli.main import cli
 from actcap.errors import BenchmarkError, RunError
 from actcap.storage import RunWriter, load_activations, open_run
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import DATA, REPO
 
-MMLU_FILE = SHARED_DATA / "mmlu" / "test" / "high_school_geography_test.csv"
+MMLU_FILE = DATA / "mmlu" / "test" / "high_school_geography_test.csv"
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from actcap.storage.run import (
     read_all_manifests,
     resolve_storage,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-MMLU = SHARED_DATA / "mmlu" / "test" / "world_religions_test.csv"
+MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
 CAPTURE = CaptureSpec(layers=None, kinds=("resid", "mlp"))
 
 

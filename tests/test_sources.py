@@ -5,10 +5,10 @@ import pytest
 from actcap.bench import Question, load_benchmark
 from actcap.bench.sources import load_generic, load_gsm8k, load_mmlu, load_truthfulqa
 from actcap.errors import BenchmarkError, UnknownNameError
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-MMLU = SHARED_DATA / "mmlu"
-GSM8K = SHARED_DATA / "gsm8k" / "test.jsonl"
+MMLU = DATA / "mmlu"
+GSM8K = DATA / "gsm8k" / "test.jsonl"
 
 
 def test_mmlu_single_file_with_dev_shots():
