@@ -1,6 +1,7 @@
 """Walk through actcap's core calls on the built-in model.
 
-Run from the repository root:  python example_activation_capture.py
+Run from the repository root:  python example_activation_capture.py [--out DIR]
+(the files go to DIR, ``example_activations/`` by default).
 
 1. answer a prompt and capture the embeddings and every layer's residual stream;
 2. save them to a .safetensors file and load them back (whole, and one layer lazily);
@@ -9,7 +10,7 @@ Run from the repository root:  python example_activation_capture.py
 
 from __future__ import annotations
 
-import tempfile
+import argparse
 from pathlib import Path
 
 import torch
@@ -24,7 +25,12 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     """Run the walkthrough and print what each step gives."""
-    out = Path(tempfile.mkdtemp(prefix="actcap-example-"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", default="example_activations", help="folder for the two activation files"
+    )
+    out = Path(parser.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
     first = out / "france.safetensors"
 
     # 1-2. Capture while answering, and save.

@@ -133,7 +133,7 @@ def test_default_model_end_to_end(default_lm, tmp_path):
 @pytest.mark.slow
 def test_example_script_runs(tmp_path):
     r = subprocess.run(
-        [sys.executable, str(REPO / "example_activation_capture.py")],
+        [sys.executable, str(REPO / "example_activation_capture.py"), "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -141,3 +141,7 @@ def test_example_script_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "Cosine similarity" in r.stdout and "layer_29" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "france.safetensors",
+        "germany.safetensors",
+    ]

@@ -6,10 +6,12 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -218,43 +220,46 @@ def test_real_full_filesystem(tiny_lm, tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_unwritable_output_folder_for_an_unprivileged_user(tiny_model_dir, tmp_path):
+def test_unwritable_output_folder_for_an_unprivileged_user(tiny_model_dir):
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user")
-    target = tmp_path / "locked"
-    target.mkdir(mode=0o755)
-    os.chmod(tmp_path, 0o755)
-    env = {**os.environ, "HOME": str(tmp_path), "ACTCAP_CACHE_DIR": str(tmp_path / "cache")}
-    # Python's own files live under /root here, which the unprivileged user cannot read: import
-    # and load everything first, then drop privileges, then run the command.
-    code = (
-        "import os, sys, json, tqdm, importlib.readers, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec;"
-        "from actcap.cli.main import main; from actcap.models import load_model;"
-        "actcap.bench.sources.load_benchmark('demo');"
-        f"load_model({str(tiny_model_dir)!r}, device='auto');"
-        "os.setgid(65534); os.setuid(65534); main()"
-    )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--limit",
-            "2",
-            "--out",
-            str(target / "run"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    # Everything the unprivileged user reads (model, questions) lies in a folder of its own under
+    # /tmp that any user can enter: the clone and pytest's temp folder may sit in 0700 folders.
+    base = Path(tempfile.mkdtemp(prefix="actcap-unpriv-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        model = shutil.copytree(tiny_model_dir, base / "model")
+        questions = base / "questions.jsonl"
+        questions.write_text(
+            '{"id": "q1", "question": "2 + 2 = ?", "answer": "4"}\n'
+            '{"id": "q2", "question": "3 + 3 = ?", "answer": "6"}\n'
+        )
+        for p in [model, *model.iterdir(), questions]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        target = base / "locked"
+        target.mkdir(mode=0o755)  # root's: the unprivileged user cannot write in it
+        env = {**os.environ, "HOME": str(base), "ACTCAP_CACHE_DIR": str(base / "cache")}
+        # Python's own files may live where the unprivileged user cannot read: import and load
+        # everything first, then drop privileges, then run the command.
+        code = (
+            "import os, sys, json, tqdm, importlib.readers, encodings.utf_8_sig, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec;"
+            "from actcap.cli.main import main; from actcap.models import load_model;"
+            f"load_model({str(model)!r}, device='auto');"
+            "os.setgid(65534); os.setuid(65534); main()"
+        )
+        args = ["eval", "--model", str(model), "--benchmark", str(questions)]
+        args += ["--out", str(target / "run"), "--quiet"]
+        r = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "cannot write the run directory" in r.stderr and "Traceback" not in r.stderr
+    assert "cannot write the run directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def flipped(path, offset, value=0xFF):
