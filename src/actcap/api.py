@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from actcap.capture.collect import CapturedSample, GenerationOptions, run_prompts
 from actcap.capture.sites import LayerRequest, SiteKind
 from actcap.capture.spec import CaptureSpec, TokenSelection
+from actcap.errors import WriteError
 from actcap.models.chat import format_prompt
 from actcap.models.loading import LoadedModel, load_model
 from actcap.storage.files import save_activations
@@ -75,12 +77,17 @@ def generate_inference_with_activations(
         ``(response, activation_data)``, where ``activation_data`` is the dictionary that
         :func:`actcap.load_activations` returns for the saved file.
 
+    Raises:
+        WriteError: When ``save_path`` is a folder (checked before the model is loaded).
+
     Example:
         >>> response, data = generate_inference_with_activations(
         ...     "What is the capital of France?", "default", layers_to_capture=[0, -1])
         >>> response
         'The capital of France is Paris.'
     """
+    if save_path is not None:
+        _check_save_path(save_path)
     lm = load_model(model, device=device)
     spec = CaptureSpec(
         layers=layers_to_capture,
@@ -111,3 +118,16 @@ def generate_inference_with_activations(
             output_ids=sample.output_ids,
         )
     return sample.response, sample_to_dict(sample, meta)
+
+
+def _check_save_path(save_path: str | os.PathLike[str]) -> None:
+    """Refuse a folder as the activation file's name, before any work is done.
+
+    Raises:
+        WriteError: When ``save_path`` is an existing folder.
+    """
+    if Path(save_path).is_dir():
+        raise WriteError(
+            f"{os.fspath(save_path)}: is a folder; save_path (CLI: --save) needs a file name, "
+            f"e.g. {Path(save_path) / 'activations.safetensors'}."
+        )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actcap.analysis.stats import site_values
 from actcap.analysis.vectors import (
     Reduce,
     SampleVectors,
@@ -39,7 +40,12 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare_files(a: SampleSource, b: SampleSource) -> list[SiteComparison]:
-    """Per-site cosine similarity between two activation files (the sites they share)."""
+    """Per-site cosine similarity between two activation files (the sites they share).
+
+    Raises:
+        FormatError: When a file is unreadable or a shared site holds no values.
+        ActcapError: When the files share no site.
+    """
     out = []
     with ActivationFile(a) as fa, ActivationFile(b) as fb:
         same_tokens = (
@@ -48,7 +54,7 @@ def compare_files(a: SampleSource, b: SampleSource) -> list[SiteComparison]:
             and torch.equal(fa.get("input_ids"), fb.get("input_ids"))
         )
         for site in sorted(set(fa.sites) & set(fb.sites), key=site_sort_key):
-            x, y = fa.get(site), fb.get(site)
+            x, y = site_values(fa, site), site_values(fb, site)
             per_token = None
             if same_tokens and x.dim() == 2 and x.shape == y.shape:
                 per_token = torch.nn.functional.cosine_similarity(

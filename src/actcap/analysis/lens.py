@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from actcap.analysis.stats import check_has_values
 from actcap.errors import ActcapError
 from actcap.storage.files import ActivationFile
 from actcap.storage.format import SampleSource
@@ -36,7 +37,9 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
         k: Tokens per site.
 
     Raises:
-        ActcapError: When the file holds no residual-stream site or the model does not fit it.
+        ActcapError: When the file holds no residual-stream site, ``token`` is past its end, or
+            the model does not fit it (checked before the model is loaded, where they can be).
+        FormatError: When the file is unreadable or a site holds no values.
     """
     from actcap.models.builtin import DEFAULT_MODEL_NAME
     from actcap.models.loading import LoadedModel, load_model
@@ -47,6 +50,8 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
         ]
         if not sites:
             raise ActcapError(f"{path}: no embeddings or layer_<i> site to read through the lens.")
+        for site in sites:
+            _check_position(f, site, token)
         if model is None:
             model = "default" if f.meta.model in ("", DEFAULT_MODEL_NAME) else f.meta.model
         lm = model if isinstance(model, LoadedModel) else load_model(model)
@@ -66,7 +71,7 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
                 )
             h = vec.to(head.weight.device, head.weight.dtype)[None, None]
             probs = torch.softmax(head(norm(h))[0, 0].float(), dim=-1)
-            top = probs.topk(k)
+            top = probs.topk(min(k, probs.numel()))
             rows.append(
                 LensRow(
                     site,
@@ -75,3 +80,19 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
                 )
             )
     return rows
+
+
+def _check_position(f: ActivationFile, site: str, token: int) -> None:
+    """Refuse a site without values, or a token position past the end of a ``[tokens, hidden]`` site.
+
+    Raises:
+        FormatError: When the site holds no values.
+        ActcapError: When ``token`` is out of range.
+    """
+    shape = check_has_values(f, site)
+    n = shape[0]
+    if len(shape) == 2 and not -n <= token < n:
+        raise ActcapError(
+            f"{f.label}: token position {token} is past the end; the file holds {n} tokens, "
+            f"so --token (token=) takes 0 to {n - 1}, or -{n} to -1."
+        )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from actcap.analysis.sources import Skipped, iter_open, list_samples
-from actcap.errors import ActcapError
+from actcap.errors import ActcapError, FormatError
 from actcap.storage.files import ActivationFile, site_sort_key
 from actcap.storage.format import SampleSource
 
@@ -60,6 +60,27 @@ def tensor_stats(site: str, t: Tensor) -> SiteStats:
     )
 
 
+def check_has_values(f: ActivationFile, site: str) -> tuple[int, ...]:
+    """A site's shape, from the header; a site with no values cannot be summarised or compared.
+
+    Raises:
+        FormatError: When the site holds no values (a zero in its shape).
+        UnknownNameError: When the file has no such site.
+    """
+    shape = f.shape(site)
+    if math.prod(shape) == 0:
+        raise FormatError(
+            f"{f.label}: site {site!r} holds no values (shape {list(shape)}); nothing to analyse."
+        )
+    return shape
+
+
+def site_values(f: ActivationFile, site: str) -> Tensor:
+    """One site's tensor, refused when it holds no values (see :func:`check_has_values`)."""
+    check_has_values(f, site)
+    return f.get(site)
+
+
 def file_stats(
     path: SampleSource, sites: list[str] | None = None, tokens: slice | None = None
 ) -> list[SiteStats]:
@@ -69,12 +90,23 @@ def file_stats(
         path: The file.
         sites: Only these sites (all by default).
         tokens: A token range (``slice(-5, None)`` for the last five); all by default.
+
+    Raises:
+        FormatError: When the file is unreadable or a site holds no values.
+        ActcapError: When ``tokens`` selects no token.
     """
     out = []
     with ActivationFile(path) as f:
-        for site, t in f.iter_sites(sites):
+        for site in sites if sites is not None else f.sites:
+            t = site_values(f, site)
             if tokens is not None and t.dim() > 1:
+                n = t.shape[0]
                 t = t[tokens]
+                if t.numel() == 0:
+                    raise ActcapError(
+                        f"{f.label}: the token range {tokens.start}:{tokens.stop} selects no "
+                        f"token of site {site!r}, which holds {n}."
+                    )
             out.append(tensor_stats(site, t))
     return out
 
@@ -90,6 +122,12 @@ class _Running:
     tokens: int = 0
     zeros: int = 0
 
+    @classmethod
+    def of(cls, t: Tensor) -> _Running:
+        running = cls()
+        running.add(t)
+        return running
+
     def add(self, t: Tensor) -> None:
         x = as_tokens(t).double()
         self.n += x.numel()
@@ -100,6 +138,16 @@ class _Running:
         self.norm_sum += float(x.norm(dim=-1).sum())
         self.tokens += x.shape[0]
         self.zeros += int((x == 0).sum())
+
+    def merge(self, other: _Running) -> None:
+        self.n += other.n
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.lo = min(self.lo, other.lo)
+        self.hi = max(self.hi, other.hi)
+        self.norm_sum += other.norm_sum
+        self.tokens += other.tokens
+        self.zeros += other.zeros
 
     def finish(self, site: str) -> SiteStats:
         mean = self.total / self.n
@@ -145,7 +193,9 @@ def directory_summary(
 ) -> DirectorySummary:
     """Summarise every activation file of a run or folder, one file and one site at a time.
 
-    Memory stays bounded by one site of one file, whatever the number of files.
+    Memory stays bounded by one site of one file, whatever the number of files. A file that
+    cannot be read whole (corrupt, or a site without values) is skipped and counted, and none
+    of its sites enters the summary.
     """
     samples = list_samples(directory)
     skipped = Skipped()
@@ -155,15 +205,15 @@ def directory_summary(
     for ref, f in iter_open(samples, skipped):
         try:
             wanted = [s for s in (sites or f.sites) if s in f.sites]
-            for site, t in f.iter_sites(wanted):
-                overall.setdefault(site, _Running()).add(t)
-                if ref.correct is not None:
-                    split["correct" if ref.correct else "incorrect"].setdefault(
-                        site, _Running()
-                    ).add(t)
-        except ActcapError as e:  # a corrupt data region: skip the file, keep going
+            part = {site: _Running.of(site_values(f, site)) for site in wanted}
+        except ActcapError as e:  # a corrupt data region, an empty site: skip the file
             skipped.add(ref.path, str(e))
             continue
+        for site, running in part.items():
+            overall.setdefault(site, _Running()).merge(running)
+            if ref.correct is not None:
+                label = "correct" if ref.correct else "incorrect"
+                split[label].setdefault(site, _Running()).merge(running)
         n_files += 1
         if ref.correct is not None:
             n_graded += 1

@@ -37,7 +37,7 @@ def parse_tokens(text: str | None) -> slice | None:
     return slice(int(lo) if lo else None, int(hi) if hi else None)
 
 
-@click.command("analyze")
+@click.command("analyze", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--file",
     "file",
@@ -90,6 +90,10 @@ def analyze(
         assert compare is not None
         comparisons = compare_files(*compare)
         width = max(len(r.site) for r in comparisons)
+        click.echo(
+            "cosine similarity per site (1 = same direction, 0 = unrelated, -1 = opposite) "
+            "of the last token's vectors, of the mean vectors, and token by token:"
+        )
         click.echo(
             f"{'site'.ljust(width)}  {'last token':>10} {'mean':>8} {'per token (min/mean)':>22}"
         )
@@ -179,7 +183,13 @@ def report(directory: str, out: str, site: str | None, target: str) -> None:
     "--model", default=None, help="The model the file was made with (default: the one it names)."
 )
 @click.option("--token", default=-1, show_default=True, type=int, help="Token position.")
-@click.option("-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many of the most likely tokens to show per site.",
+)
 @reports_errors
 def lens(file: str, model: str | None, token: int, k: int) -> None:
     """Logit lens: each layer's residual at one token through the final norm and unembedding."""

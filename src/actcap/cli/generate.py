@@ -78,8 +78,12 @@ def generate(
     click.echo(response)
     acts = data["activations"]
     first = next(iter(acts.values()))
+    where = (
+        f"saved to {save_path}"
+        if save_path
+        else "not saved (pass --save FILE.safetensors to keep them)"
+    )
     click.echo(
-        f"captured {len(acts)} sites, shape {tuple(first.shape)} each, dtype {dtype}"
-        + (f" -> {save_path}" if save_path else ""),
+        f"captured {len(acts)} sites, shape {tuple(first.shape)} each, dtype {dtype}: {where}",
         err=True,
     )

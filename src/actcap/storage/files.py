@@ -1,9 +1,10 @@
 """Writing and reading single-sample activation files.
 
 Writes are atomic (a temporary name in the same folder, fsync, rename), so a reader or a crash
-sees either the whole file or none. Reads check the file before trusting it and name the file in
-every error. Older pipelines' ``torch.save`` files load through ``torch.load(weights_only=True)``;
-a pickle that needs more is refused unless the caller trusts it explicitly.
+sees either the whole file or none. Reads tell what a file holds from its first bytes, never from
+its name (:func:`detect_format`), check it before trusting it and name the file in every error.
+Older pipelines' ``torch.save`` files load through ``torch.load(weights_only=True)``; a pickle
+that needs more is refused unless the caller trusts it explicitly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,7 +53,6 @@ _DTYPE_BYTES = {
     "U64": 8,
     "F64": 8,
 }
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
 _TORCH_DTYPES = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
@@ -230,6 +230,52 @@ def save_activations(
     return target
 
 
+FileKind = Literal["safetensors", "torch-zip", "pickle", "unknown"]
+"""What a file holds, as :func:`detect_format` tells from its first bytes."""
+_PICKLED: tuple[FileKind, ...] = ("torch-zip", "pickle")
+
+
+def detect_format(path: Path) -> FileKind:
+    """What a file holds, decided from its first bytes, never from its name.
+
+    Every reader asks this before opening a file, so a safetensors file named ``.pkl`` is read as
+    safetensors and a ``torch.save`` file named ``.safetensors`` through ``torch.load``.
+
+    Returns:
+        ``safetensors`` (an 8-byte little-endian header size, then ``{``), ``torch-zip`` (a zip
+        archive: ``torch.save`` since PyTorch 1.6), ``pickle`` (the PROTO opcode of pickle
+        protocol 2 to 5: ``pickle.dump`` and older ``torch.save``), or ``unknown`` (readers then
+        try safetensors, whose checks say what is wrong).
+
+    Raises:
+        FormatError: When the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read file ({e.strerror or e}).") from e
+    return format_of(head)
+
+
+def format_of(head: bytes) -> FileKind:
+    """:func:`detect_format` on a file's first 9 bytes.
+
+    Safetensors is tried first: a pickle's or zip's first 9 bytes never look like it (byte 8 of
+    a pickle is inside a frame length or an opcode argument, of a zip the compression method),
+    and a misjudged file would only be parsed, never unpickled.
+    """
+    if len(head) >= 9 and head[8:9] == b"{":
+        (size,) = struct.unpack("<Q", head[:8])
+        if size <= MAX_HEADER_BYTES:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
 def read_header(path: Path) -> dict[str, Any]:
     """Read and check a safetensors header without loading any tensor.
 
@@ -263,7 +309,11 @@ def parse_header(read: Callable[[int, int], bytes], size: int, label: str) -> di
             f"{label}: file is {'empty' if size == 0 else 'truncated'} ({size} bytes); not an activation file."
         )
     (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES or n + 8 > size:
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{label}: not a safetensors file, nor a torch.save or pickle file (it begins {head!r})."
+        )
+    if n + 8 > size:
         raise FormatError(
             f"{label}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})."
         )
@@ -272,6 +322,8 @@ def parse_header(read: Callable[[int, int], bytes], size: int, label: str) -> di
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{label}: corrupt safetensors header ({e}).") from e
+    except RecursionError as e:
+        raise FormatError(f"{label}: corrupt safetensors header (JSON nested too deeply).") from e
     if not isinstance(header, dict):
         raise FormatError(f"{label}: corrupt safetensors header (not a JSON object).")
     end = 0
@@ -314,6 +366,12 @@ def check_metadata(path: Path | str, header: dict[str, Any]) -> dict[str, str]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: corrupt metadata in the header.")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise FormatError(
+                f"{path}: corrupt metadata in the header ({key!r} is a {type(value).__name__}, "
+                "not a string)."
+            )
     if meta.get("format") not in (None, FORMAT_NAME):
         raise FormatError(
             f"{path}: format {meta.get('format')!r} is not an actcap activation file."
@@ -337,11 +395,16 @@ def check_metadata(path: Path | str, header: dict[str, Any]) -> dict[str, str]:
             json.loads(meta["extra"])
         except (TypeError, json.JSONDecodeError) as e:
             raise FormatError(f"{path}: metadata 'extra' is not valid JSON ({e}).") from e
+        except RecursionError as e:
+            raise FormatError(f"{path}: metadata 'extra' is JSON nested too deeply.") from e
     return {str(k): str(v) for k, v in meta.items()}
 
 
 class ActivationFile:
     """A lazily read activation file: metadata at once, tensors only when asked (memory-mapped).
+
+    A ``torch.save`` file (told by its content, whatever its name) is loaded whole through
+    ``torch.load(weights_only=True)`` and then read the same way.
 
     Example:
         >>> with ActivationFile("q0001.safetensors") as f:
@@ -353,45 +416,57 @@ class ActivationFile:
         """Open a file, or one sample inside a shard, and check its header; tensors are not read.
 
         Args:
-            path: A ``.safetensors`` file, or a :class:`ShardSlice` (a local or fsspec shard).
+            path: An activation file (safetensors, or an older pipeline's ``torch.save`` file),
+                or a :class:`ShardSlice` (a local or fsspec shard).
 
         Raises:
             FormatError: When the file is no valid activation file.
+            UnsafeFileError: A pickle that needs code execution (see :func:`load_activations`).
         """
         self.slice = path if isinstance(path, ShardSlice) else None
         self._handle: Any = None
         self._data_start = 0
+        self._tensors: dict[str, Tensor] | None = None  # a torch.save file's, loaded whole
         if self.slice is not None:
             self.path = Path(self.slice.shard)
             self.label = str(self.slice)
-            part = self.slice
-            header_bytes = 0
-
-            def read(start: int, n: int) -> bytes:
-                nonlocal header_bytes
-                if start == 8:
-                    header_bytes = n  # parse_header reads the JSON header right after its size
-                return read_range(part.shard, part.offset + start, part.offset + start + n)
-
-            self.header = parse_header(read, part.length, self.label)
-            self._data_start = part.offset + 8 + header_bytes
+            self.header = self._slice_header(self.slice)
         else:
             self.path = Path(path)  # type: ignore[arg-type]  # not a ShardSlice here
             self.label = str(self.path)
-            if not self.path.is_file():
-                raise FormatError(f"{self.path}: no such file.")
-            if self.path.suffix.lower() in _PICKLE_SUFFIXES:
-                raise FormatError(
-                    f"{self.path}: a {self.path.suffix} file cannot be read lazily; use load_activations()."
-                )
-            self.header = read_header(self.path)
+            self.header = self._file_header()
         self.raw_metadata = check_metadata(self.label, self.header)
-        if self.slice is None:
+        if self.slice is None and self._tensors is None:
             try:
                 self._handle = safe_open(str(self.path), framework="pt")
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
         self.meta = SampleMeta.from_header(self.raw_metadata)
+
+    def _slice_header(self, part: ShardSlice) -> dict[str, Any]:
+        """The checked header of one sample in a shard; notes where its tensors start."""
+        header_bytes = 0
+
+        def read(start: int, n: int) -> bytes:
+            nonlocal header_bytes
+            if start == 8:
+                header_bytes = n  # parse_header reads the JSON header right after its size
+            return read_range(part.shard, part.offset + start, part.offset + start + n)
+
+        header = parse_header(read, part.length, self.label)
+        self._data_start = part.offset + 8 + header_bytes
+        return header
+
+    def _file_header(self) -> dict[str, Any]:
+        """The checked header of a file; a torch.save file's is made from its loaded tensors."""
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: a folder, not an activation file.")
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file.")
+        if detect_format(self.path) in _PICKLED:
+            self._tensors, header = _legacy_contents(self.path)
+            return header
+        return read_header(self.path)
 
     def __enter__(self) -> ActivationFile:
         """Use as a context manager."""
@@ -428,6 +503,8 @@ class ActivationFile:
     def get(self, name: str) -> Tensor:
         """Read one tensor (from a shard: only that tensor's bytes)."""
         self._check_name(name)
+        if self._tensors is not None:
+            return self._tensors[name]
         if self.slice is not None:
             info = self.header[name]
             start, end = info["data_offsets"]
@@ -446,10 +523,10 @@ class ActivationFile:
     def get_slice(self, name: str) -> Any:
         """A sliceable view of one tensor (``f.get_slice("layer_3")[-1]`` reads one row).
 
-        Inside a shard the tensor is read whole and then indexed.
+        Inside a shard or a torch.save file the tensor is read whole and then indexed.
         """
         self._check_name(name)
-        if self.slice is not None:
+        if self.slice is not None or self._tensors is not None:
             return self.get(name)
         return self._handle.get_slice(name)
 
@@ -475,9 +552,10 @@ def load_activations(
     """Load an activation file into the dictionary the seed pipeline used.
 
     Args:
-        file_path: A ``.safetensors`` file written by actcap (or any safetensors file), a
-            ``.pt``/``.pkl`` file written by ``torch.save`` in older pipelines, a
-            :class:`ShardSlice`, or a run directory (or URL) together with ``sample_id``.
+        file_path: A safetensors file written by actcap (or any safetensors file), a file
+            written by ``torch.save`` in older pipelines, a :class:`ShardSlice`, or a run
+            directory (or URL) together with ``sample_id``. What a file holds is told from its
+            first bytes, never from its name (:func:`detect_format`).
         sites: Read only these sites (memory-mapped, so one layer of a large file loads fast).
         trust_pickle: Allow a pickle that ``torch.load(weights_only=True)`` refuses. Unpickling
             can run arbitrary code: only pass True for files you made yourself.
@@ -503,7 +581,7 @@ def load_activations(
         source = Path(file_path)
         if not source.is_file():
             raise FormatError(f"{source}: no such file.")
-        if _looks_like_pickle(source):
+        if detect_format(source) in _PICKLED:
             return _load_legacy(source, sites, trust_pickle)
     with ActivationFile(source) as f:
         wanted = list(sites) if sites is not None else f.sites
@@ -545,18 +623,20 @@ def _find_in_run(root: str | os.PathLike[str], sample_id: str | None) -> Path | 
     return source
 
 
-def _looks_like_pickle(path: Path) -> bool:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        return True
-    if path.suffix.lower() == ".safetensors":
-        return False  # named as safetensors: read (and checked) as such, never unpickled
-    with open(path, "rb") as f:
-        start = f.read(2)
-    # torch.save writes a zip ("PK"); a raw pickle starts with the PROTO opcode 0x80.
-    return start == b"PK" or (len(start) == 2 and start[0] == 0x80)
+def _brief(e: BaseException) -> str:
+    """The first line of an exception's message, shortened (torch's run to many lines)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) -> dict[str, Any]:
+def _unpickle(path: Path, trust_pickle: bool) -> Any:
+    """A torch.save or pickle file's contents: tensors and plain containers only, unless trusted.
+
+    Raises:
+        FormatError: When the bytes are no readable torch.save or pickle file.
+        UnsafeFileError: A well-formed pickle that needs more than ``weights_only``, untrusted.
+    """
     import pickle
     import warnings
 
@@ -564,26 +644,80 @@ def _load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) ->
         with warnings.catch_warnings():
             # torch warns about pickle protocols it was not written with; the load is still safe.
             warnings.simplefilter("ignore", UserWarning)
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load judges a path by its suffix
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not trust_pickle:
-            raise UnsafeFileError(
-                f"{path}: this pickle holds objects beyond tensors and plain containers, and loading "
-                "it could run arbitrary code. If you made this file yourself, pass "
-                "trust_pickle=True (CLI: --trust-pickle); otherwise do not open it."
-            ) from e
-        try:
-            with open(path, "rb") as f:
-                is_zip = f.read(2) == b"PK"
-            if is_zip:
-                data = torch.load(path, map_location="cpu", weights_only=False)
-            else:  # a plain pickle.dump, which torch.load's legacy reader does not take
+        refused = e
+    except Exception as e:  # weights_only runs no code: any failure means unreadable bytes
+        raise FormatError(f"{path}: not a readable torch.save or pickle file ({_brief(e)}).") from e
+    problem = _pickle_problem(path)
+    if problem is not None:
+        raise FormatError(f"{path}: a corrupt torch.save or pickle file ({problem}).") from refused
+    if not trust_pickle:
+        raise UnsafeFileError(
+            f"{path}: this pickle holds objects beyond tensors and plain containers, and loading "
+            "it could run arbitrary code. If you made this file yourself, load it in Python with "
+            "load_activations(path, trust_pickle=True); otherwise do not open it."
+        ) from refused
+    try:
+        with open(path, "rb") as f:
+            if detect_format(path) == "torch-zip":
+                return torch.load(f, map_location="cpu", weights_only=False)
+            return pickle.load(f)  # noqa: S301 - trusted; a plain pickle.dump, which torch.load refuses
+    except Exception as e:  # any unpickling failure of a trusted file
+        raise FormatError(f"{path}: cannot unpickle ({_brief(e)}).") from e
+
+
+def _pickle_problem(path: Path) -> str | None:
+    """Why a file's pickle (a torch zip's ``data.pkl``) does not parse; None when it parses.
+
+    Opcodes and stack are checked by ``pickletools.dis``, which runs nothing.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        with open(os.devnull, "w") as sink:
+            if detect_format(path) == "torch-zip":
+                with zipfile.ZipFile(path) as z:
+                    member = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                    with z.open(member) as f:
+                        pickletools.dis(f, out=sink)
+            else:
                 with open(path, "rb") as f:
-                    data = pickle.load(f)  # noqa: S301 - the caller said they trust this file
-        except Exception as e2:  # any unpickling failure of a trusted file
-            raise FormatError(f"{path}: cannot unpickle ({e2}).") from e2
-    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
-        raise FormatError(f"{path}: not a readable torch.save file ({e}).") from e
+                    pickletools.dis(f, out=sink)
+    except StopIteration:
+        return "a zip archive without a data.pkl"
+    except Exception as e:  # any parse failure: not a pickle anyone could load
+        return _brief(e)
+    return None
+
+
+def _legacy_contents(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A torch.save file's tensors, and a safetensors-like header describing them.
+
+    Raises:
+        FormatError: When the file is no activation file, or an activation is no tensor.
+        UnsafeFileError: A pickle that needs code execution.
+    """
+    data = _load_legacy(path, None, trust_pickle=False)
+    tensors = {str(k): v for k, v in data["activations"].items()}
+    tensors.update({k: data[k] for k in ID_TENSORS if isinstance(data.get(k), Tensor)})
+    text = ("prompt", "response", "model", "timestamp")
+    header: dict[str, Any] = {
+        "__metadata__": {k: data[k] for k in text if isinstance(data.get(k), str)}
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise FormatError(f"{path}: activation {name!r} is a {type(t).__name__}, not a tensor.")
+        dtype = _SAFETENSORS_NAMES.get(t.dtype, str(t.dtype))
+        header[name] = {"dtype": dtype, "shape": list(t.shape)}
+    return tensors, header
+
+
+def _load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) -> dict[str, Any]:
+    """The seed's dictionary from a torch.save or pickle file (see :func:`_unpickle`)."""
+    data = _unpickle(path, trust_pickle)
     if not isinstance(data, dict) or not isinstance(data.get("activations"), dict):
         raise FormatError(
             f"{path}: a torch.save file without an 'activations' dictionary is not an activation file."
@@ -593,7 +727,7 @@ def _load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) ->
         missing = [s for s in sites if s not in acts]
         if missing:
             raise UnknownNameError(
-                f"{path}: no site {missing[0]!r}. Sites in this file: {', '.join(acts)}."
+                f"{path}: no site {missing[0]!r}. Sites in this file: {', '.join(map(str, acts))}."
             )
         acts = {s: acts[s] for s in sites}
     return {

@@ -607,8 +607,10 @@ def open_run(root: PathOrUrl) -> RunInfo:
         raise FormatError(f"{text}: not a run directory (no {RUN_FILE}).")
     try:
         config = json.loads(read_bytes(run_file))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise FormatError(f"{run_file}: unreadable ({e}).") from e
+    if not isinstance(config, dict):
+        raise FormatError(f"{run_file}: not a run record (a JSON object); the run is damaged.")
     version = config.get("run_format_version", 1)
     if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
         raise FormatError(
