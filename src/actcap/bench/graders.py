@@ -97,16 +97,23 @@ def mc_letter(response: str, reference: Reference) -> Grade:
     return _grade(got is not None and any(got == r.strip().upper() for r in _refs(reference)), got)
 
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
+_PLAIN = r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+_NUMBER = re.compile(rf"(?<![\d/]){_PLAIN}/{_PLAIN}(?![\d/])|{_PLAIN}")
+"""A number in a response: ``$1,234``, ``-2.5``, ``.5``, or a fraction ``3/4`` (not a date's ``3/4/2020``)."""
+_NUMBER_TEXT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def parse_number(text: str) -> float | None:
-    """'$1,234' -> 1234.0; '42.0' -> 42.0; None when there is no number."""
+    """'$1,234' -> 1234.0; '42.0' -> 42.0; '3/4' -> 0.75; None when the text is no number."""
     cleaned = text.replace("$", "").replace(",", "").strip().rstrip(".")
-    try:
-        return float(cleaned)
-    except ValueError:
+    numerator, slash, denominator = cleaned.partition("/")
+    parts = [numerator.strip(), denominator.strip()] if slash else [cleaned]
+    if not all(_NUMBER_TEXT.fullmatch(part) for part in parts):
         return None
+    values = [float(part) for part in parts]
+    if slash:
+        return values[0] / values[1] if values[1] != 0 else None
+    return values[0]
 
 
 def numeric(response: str, reference: Reference) -> Grade:

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from actcap.bench.graders import parse_number
 from actcap.bench.questions import LETTERS, Benchmark, Question
 from actcap.errors import BenchmarkError, UnknownNameError, require
 
@@ -210,11 +211,35 @@ def load_mmlu(path: str | Path) -> Benchmark:
     )
 
 
-_GSM_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+def gsm8k_reference(path: Path, number: int, solution: str) -> str:
+    """The reference of a GSM8K solution: the number after its last ``####``, without commas or ``$``.
+
+    Whole numbers, decimals, negatives and fractions (``1,234``, ``-3``, ``2.5``, ``3/4``) are
+    references the numeric grader can match.
+
+    Raises:
+        BenchmarkError: When there is no ``####`` or what follows is no number (empty, words),
+            naming the file and line.
+    """
+    _, sep, after = solution.rpartition("####")
+    if not sep:
+        raise BenchmarkError(f"{path}: line {number}: answer has no '#### <number>' line.")
+    reference = after.strip().replace(",", "").replace("$", "").replace(" ", "")
+    if parse_number(reference) is None:
+        raise BenchmarkError(
+            f"{path}: line {number}: the reference after '####' is {after.strip()[:40]!r}, not a "
+            "number (write e.g. 42, 1,234, -3, 2.5 or 3/4), so no answer could be graded right. "
+            "Fix or remove this line."
+        )
+    return reference
 
 
 def load_gsm8k(path: str | Path) -> Benchmark:
-    """Load GSM8K JSONL (``question``, ``answer``); the reference is the number after ``####``."""
+    """Load GSM8K JSONL (``question``, ``answer``); the reference is the number after ``####``.
+
+    Raises:
+        BenchmarkError: For a line without string fields, or whose reference is no number.
+    """
     p = Path(path)
     questions: list[Question] = []
     for number, record in read_records(p):
@@ -223,14 +248,11 @@ def load_gsm8k(path: str | Path) -> Benchmark:
             raise BenchmarkError(
                 f"{p}: line {number}: needs string 'question' and 'answer' fields."
             )
-        m = _GSM_ANSWER.search(a)
-        if not m:
-            raise BenchmarkError(f"{p}: line {number}: answer has no '#### <number>' line.")
         questions.append(
             Question(
                 id=str(record.get("id", f"gsm8k-{len(questions):05d}")),
                 question=q,
-                answer=m.group(1).replace(",", "").strip(),
+                answer=gsm8k_reference(p, number, a),
                 category="gsm8k",
                 extra={"solution": a},
             )
@@ -387,6 +409,7 @@ def load_benchmark(spec: str, fields: Mapping[str, str] | None = None) -> Benchm
 __all__ = [
     "DEFAULT_FIELDS",
     "SOURCES",
+    "gsm8k_reference",
     "load_benchmark",
     "load_demo",
     "load_generic",
