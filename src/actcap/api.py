@@ -17,6 +17,7 @@ from actcap.capture.sites import LayerRequest, SiteKind
 from actcap.capture.spec import CaptureSpec, TokenSelection
 from actcap.errors import WriteError
 from actcap.models.chat import format_prompt
+from actcap.models.context import check_prompt_chars, check_prompt_length, context_length
 from actcap.models.loading import LoadedModel, load_model
 from actcap.storage.files import save_activations
 from actcap.storage.format import SampleMeta, utc_now
@@ -79,6 +80,8 @@ def generate_inference_with_activations(
 
     Raises:
         WriteError: When ``save_path`` is a folder (checked before the model is loaded).
+        CaptureError: When the prompt is longer than the model's context less
+            ``max_new_tokens`` (a prompt far too long is refused before it is tokenised).
 
     Example:
         >>> response, data = generate_inference_with_activations(
@@ -96,7 +99,10 @@ def generate_inference_with_activations(
         dtype=dtype,
         capture_generated=capture_generated,
     )
+    room = context_length(lm) - max_new_tokens
+    check_prompt_chars(prompt, room)  # before the template copies a text too long to fit
     text = format_prompt(lm.tokenizer, prompt, chat=chat)
+    check_prompt_length(lm, text, room)
     (sample,) = run_prompts(
         lm, [text], spec, generation=GenerationOptions(max_new_tokens=max_new_tokens)
     )

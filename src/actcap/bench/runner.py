@@ -27,6 +27,7 @@ from actcap.capture.collect import GenerationOptions
 from actcap.capture.sites import resolve_sites
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import BenchmarkError
+from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
@@ -127,16 +128,6 @@ def grader_name_for(q: Question, mode: Mode, benchmark: Benchmark, override: str
     return "numeric" if parse_number(q.answer) is not None else "contains"
 
 
-def context_length(lm: LoadedModel) -> int:
-    """The longest input the model takes (its position table), or a very large number if unknown."""
-    config = getattr(lm.model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30
-
-
 def fit_prompt(lm: LoadedModel, qid: str, prompt: str, room: int, overflow: str) -> str:
     """Check a prompt against the model's context; refuse it or keep its last tokens.
 
@@ -144,19 +135,31 @@ def fit_prompt(lm: LoadedModel, qid: str, prompt: str, room: int, overflow: str)
         BenchmarkError: When the prompt is too long and ``overflow`` is ``error``.
     """
     add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
-    ids = lm.tokenizer.encode(prompt, add_special_tokens=add_special)
-    if len(ids) <= room:
+    text = prompt
+    if len(prompt) > max_prompt_chars(room):
+        # Too long to fit whatever its tokens: never tokenise it all (memory grows with the text).
+        if overflow != "truncate":
+            raise BenchmarkError(
+                f"Question {qid!r}: the prompt has {len(prompt):,} characters, far more than the "
+                f"{room} tokens this model can take (context minus answer tokens); refused before "
+                "tokenising it. Shorten the question, use fewer --few-shot examples, or "
+                "--overflow truncate to keep its last tokens."
+            )
+        text = prompt[-max_prompt_chars(room) :]  # only its end is kept: tokenise no more
+    ids = lm.tokenizer.encode(text, add_special_tokens=add_special)
+    if len(ids) <= room and text is prompt:
         return prompt
+    size = f"{len(ids)} tokens" if text is prompt else f"{len(prompt):,} characters"
     if overflow != "truncate":
         raise BenchmarkError(
-            f"Question {qid!r}: the prompt has {len(ids)} tokens, more than the {room} this model "
+            f"Question {qid!r}: the prompt has {size}, more than the {room} tokens this model "
             "can take (context minus answer tokens). Use fewer --few-shot examples, or "
             "--overflow truncate to keep its last tokens."
         )
     # Keep the end (the question itself); a little slack, as decoding and re-encoding can merge tokens.
     kept = lm.tokenizer.decode(ids[-max(room - 8, 1) :], skip_special_tokens=False)
     warnings.warn(
-        f"Question {qid!r}: prompt truncated from {len(ids)} to its last {room - 8} tokens to fit the context.",
+        f"Question {qid!r}: prompt truncated from {size} to its last {room - 8} tokens to fit the context.",
         stacklevel=3,
     )
     return str(kept)

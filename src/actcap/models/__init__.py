@@ -4,6 +4,7 @@ Also knows, per architecture, which module is decoder block *i* and where the fi
 """
 
 from actcap.models.builtin import DEFAULT_MODEL_NAME, cache_dir, convert_gguf, default_gguf_path
+from actcap.models.context import MAX_CHARS_PER_TOKEN, check_prompt_length, context_length
 from actcap.models.layout import Layout, find_layout
 from actcap.models.loading import (
     LoadedModel,
@@ -17,10 +18,13 @@ from actcap.models.loading import (
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "MAX_CHARS_PER_TOKEN",
     "Layout",
     "LoadedModel",
     "cache_dir",
+    "check_prompt_length",
     "clear_model_cache",
+    "context_length",
     "convert_gguf",
     "default_gguf_path",
     "find_layout",
