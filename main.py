@@ -15,13 +15,13 @@ import sys
 from actcap.bench.runner import EvalOptions, run_benchmark
 from actcap.bench.sources import load_benchmark
 from actcap.capture.spec import CaptureSpec
-from actcap.cli.eval_cmd import report
+from actcap.cli.eval_cmd import interrupted_message, report
 from actcap.errors import ActcapError
 from actcap.models.loading import load_model
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, run the evaluation, print the accuracy and where the files are."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags, each with its help text."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--capture_activations", action="store_true", help="Capture and store activations."
@@ -38,12 +38,33 @@ def main(argv: list[str] | None = None) -> int:
         help="demo, mmlu:PATH, gsm8k:PATH, ... (see actcap eval --help).",
     )
     p.add_argument("--limit", type=int, default=None, help="Answer only the first N questions.")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="Questions per forward pass (default 8; the answers do not depend on it).",
+    )
     p.add_argument("--layers", default=None, help="Layers to capture (default: embeddings + all).")
-    p.add_argument("--token_selection", default="all", choices=["all", "last", "mean"])
-    p.add_argument("--few_shot", type=int, default=0)
+    p.add_argument(
+        "--token_selection",
+        default="all",
+        choices=["all", "last", "mean"],
+        help="Keep every token's activations, the last token's, or their mean (default all).",
+    )
+    p.add_argument(
+        "--few_shot",
+        type=int,
+        default=0,
+        help="Solved examples shown before each question (default 0).",
+    )
     p.add_argument("--resume", action="store_true", help="Continue an interrupted run.")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, run the evaluation, print the accuracy and where the files are."""
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         bench = load_benchmark(args.benchmark)
@@ -66,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except ActcapError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            interrupted_message(args.activation_save_dir, "--activation_save_dir"),
+            file=sys.stderr,
+        )
+        return 130
     report(result, bench.name, lm.display_name)
     return 0
 

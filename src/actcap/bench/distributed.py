@@ -178,8 +178,8 @@ def run_benchmark_ray(
 
     Raises:
         MissingDependencyError: Ray is not installed (``pip install 'actcap[ray]'``).
-        RunError: The run cannot be written, or the Ray job failed (finished samples are kept:
-            rerun with ``resume=True``).
+        RunError: The run cannot be written, the cluster lacks the GPUs or CPUs the workers
+            ask for, or the Ray job failed (finished samples are kept: rerun with ``resume=True``).
     """
     require("ray", "ray", "Evaluation on Ray (--ray)")
     options = options or EvalOptions()
@@ -222,6 +222,24 @@ def run_benchmark_ray(
         writer.close()
 
 
+def missing_resources(available: Mapping[str, float], ray_options: RayOptions) -> list[str]:
+    """What the actor pool needs that the cluster lacks, one line per resource (empty: all there).
+
+    Ray would otherwise wait forever for actors it cannot place, e.g. GPU workers on a machine
+    without a GPU.
+    """
+    need = {
+        "GPU": ray_options.workers * ray_options.gpus_per_worker,
+        "CPU": ray_options.workers * ray_options.cpus_per_worker,
+    }
+    return [
+        f"{amount:g} {name} needed ({ray_options.workers} x {amount / ray_options.workers:g}), "
+        f"{float(available.get(name, 0.0)):g} in the cluster"
+        for name, amount in need.items()
+        if amount > float(available.get(name, 0.0)) + 1e-9
+    ]
+
+
 def _run_on_ray(
     plan: list[Planned],
     bench: Benchmark,
@@ -253,6 +271,13 @@ def _run_on_ray(
             init["address"] = ray_options.address
         ray.init(**init)
     try:
+        missing = missing_resources(ray.cluster_resources(), ray_options)
+        if missing:
+            raise RunError(
+                f"The Ray cluster cannot hold {ray_options.workers} worker(s): {'; '.join(missing)}. "
+                "Ask for less (--workers, --gpus-per-worker, --cpus-per-worker), or connect to a "
+                "cluster that has it (--ray-address). Nothing was submitted."
+            )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         rows = [{"id": p.question.id, "mode": p.mode, "prompt": p.prompt} for p in plan]

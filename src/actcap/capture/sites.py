@@ -121,8 +121,10 @@ def resolve_sites(
     n = layout.num_layers
     for kind in kinds:
         if kind not in SITE_KINDS:
+            close = difflib.get_close_matches(kind, SITE_KINDS, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UnknownNameError(
-                f"Unknown site kind {kind!r}. Choose from: {', '.join(SITE_KINDS)}."
+                f"Unknown site kind {kind!r} (--sites).{hint} Choose from: {', '.join(SITE_KINDS)}."
             )
     if layers is None or layers == "all":
         names = ["embeddings", *_layer_names(range(n), kinds)]
@@ -169,10 +171,24 @@ def _site(name: str, layout: Layout, modules: dict[str, nn.Module]) -> Site:
         return Site(canonical, path)
     if name in modules and name:
         return Site(name, name)
-    close = difflib.get_close_matches(name, list(modules), n=3)
+    close = nearest_sites(name, n, list(modules))
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownNameError(
         f"Unknown site {name!r}.{hint} Valid sites: embeddings, layer_0..layer_{n - 1} "
         f"(each also .attn and .mlp), final_norm, or a module path such as "
         f"{layout.block_path(0)!r}."
     )
+
+
+def site_names(num_layers: int) -> list[str]:
+    """Every canonical site name of a model with ``num_layers`` decoder blocks."""
+    return ["embeddings", *_layer_names(range(num_layers), SITE_KINDS), "final_norm"]
+
+
+def nearest_sites(name: str, num_layers: int, module_paths: Sequence[str] = ()) -> list[str]:
+    """The names closest to a misspelled ``name``, best first: site names, or module paths for a path.
+
+    ``layer_2.mpl`` gives ``layer_2.mlp``; ``model.layers.0.mlpp`` gives ``model.layers.0.mlp``.
+    """
+    candidates = [*site_names(num_layers), *(p for p in module_paths if p)]
+    return difflib.get_close_matches(name, candidates, n=3)

@@ -130,8 +130,20 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     type=click.Choice(["letter", "text"]),
     help="Log-likelihood of the letters or of the choice texts.",
 )
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Questions per forward pass (left padded: the answers do not depend on it).",
+)
+@click.option(
+    "--max-new-tokens",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most tokens a generated answer may have (generation mode).",
+)
 @click.option(
     "--limit", default=None, type=click.IntRange(min=1), help="Answer only the first N questions."
 )
@@ -161,6 +173,50 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @reports_errors
 def eval_command(**kw: Any) -> None:
     """Evaluate a model on a benchmark, capturing activations for every question."""
+    refuse_ray_options_without_ray(kw["use_ray"])
+    out = kw["out"] or default_out(kw["benchmark"])
+    try:
+        run_eval(kw, out)
+    except KeyboardInterrupt:
+        click.echo(interrupted_message(out), err=True)
+        raise click.exceptions.Exit(130) from None
+
+
+RAY_ONLY = ("workers", "gpus_per_worker", "cpus_per_worker", "ray_address")
+"""Options that only mean something with ``--ray``."""
+
+
+def refuse_ray_options_without_ray(use_ray: bool) -> None:
+    """Refuse ``--workers`` and the other Ray options when ``--ray`` is not given.
+
+    Raises:
+        click.UsageError: Naming the options given without ``--ray``.
+    """
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [
+        "--" + name.replace("_", "-")
+        for name in RAY_ONLY
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    ]
+    if given and not use_ray:
+        raise click.UsageError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray (they size the "
+            "Ray workers); add --ray, or leave them out to answer in this process."
+        )
+
+
+def interrupted_message(out: str, out_flag: str = "--out") -> str:
+    """What to tell a user who pressed Ctrl-C: finished samples are kept, and how to go on."""
+    return (
+        f"Interrupted. Every sample finished so far is safe in {out}. To continue, run the same "
+        f"command with --resume (and the same {out_flag} {out}): finished samples are skipped."
+    )
+
+
+def run_eval(kw: dict[str, Any], out: str) -> None:
+    """Load, answer, grade and store, then print the summary (the body of ``actcap eval``)."""
     from actcap.bench.runner import EvalOptions, run_benchmark
     from actcap.bench.sources import load_benchmark
     from actcap.capture.spec import CaptureSpec
@@ -190,7 +246,6 @@ def eval_command(**kw: Any) -> None:
         from actcap.bench.graders import get_grader
 
         get_grader(kw["grader"])  # fail before loading the model
-    out = kw["out"] or default_out(kw["benchmark"])
     load = placement_kwargs(kw)
     storage = {"storage": kw["storage"], "shard_bytes": parse_size(kw["shard_size"])}
     if kw["use_ray"]:
@@ -256,5 +311,26 @@ def report(result: Any, benchmark: str, model: str) -> None:
         )
     if result.out is not None:
         click.echo(
-            f"run directory: {result.out}  (manifest.jsonl, results.json, samples/ or shards/)"
+            f"run directory: {result.out}  (manifest.jsonl, results.json, {layout(result.out)})"
         )
+
+
+def layout(out: Any) -> str:
+    """Where a run's activations are: ``samples/``, ``shards/``, both, or none (no capture).
+
+    Both appear when a resume changed the layout.
+    """
+    import os
+
+    from actcap.storage.location import is_url, local_path
+    from actcap.storage.run import SAMPLES, SHARDS
+
+    if is_url(os.fspath(out)):
+        return f"{SHARDS}/"
+    root = local_path(out)
+    used = [
+        f"{name}/"
+        for name in (SAMPLES, SHARDS)
+        if (root / name).is_dir() and any(True for _ in (root / name).iterdir())
+    ]
+    return " and ".join(used) if used else "no activation files: captured nothing"

@@ -32,7 +32,13 @@ from actcap.cli.common import (
 @dtype_option
 @device_option
 @apply_options(placement_options)
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most tokens the answer may have (with the prompt, within the model's context).",
+)
 @click.option("--capture-generated", is_flag=True, help="Also capture the answer's tokens.")
 @reports_errors
 def generate(

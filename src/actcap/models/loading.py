@@ -6,6 +6,7 @@ API once per prompt loads the model once.
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
 from collections.abc import Iterator
@@ -77,6 +78,9 @@ class LoadedModel:
         """The name stored in activation files."""
         return DEFAULT_MODEL_NAME if self.name == "default" else self.name
 
+
+HUB_TIMEOUT_S = 10.0
+"""How long the hub may take to say whether a model exists before the load gives up."""
 
 _cache: dict[tuple[str, str, str | None, str | None], LoadedModel] = {}
 _lock = threading.Lock()
@@ -190,7 +194,7 @@ def _source_folder(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"{spec}: no such GGUF file.")
+            raise ModelLoadError(f"{spec}: no such GGUF file.{_did_you_mean(spec)}")
         return str(convert_gguf(path))
     if path.exists():
         if not path.is_dir():
@@ -204,8 +208,99 @@ def _source_folder(spec: str) -> str:
             )
         return str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"{spec}: no such file or folder.")
+        raise ModelLoadError(f"{spec}: no such file or folder.{_did_you_mean(spec)}")
+    check_hub_id(spec)
     return spec  # a hub id
+
+
+def _local_candidates(spec: str) -> list[str]:
+    """Model folders and ``.gguf`` files beside where ``spec`` points (or in the working folder)."""
+    parent = Path(spec).expanduser().parent
+    folder = parent if str(parent) not in ("", ".") and parent.is_dir() else Path(".")
+    out: list[str] = []
+    try:
+        for entry in sorted(folder.iterdir())[:500]:
+            if (entry / "config.json").is_file() or entry.suffix.lower() == ".gguf":
+                out.append(str(entry) if folder != Path(".") else entry.name)
+    except OSError:
+        pass
+    return out
+
+
+def model_suggestions(spec: str, cutoff: float = 0.6) -> list[str]:
+    """The names nearest to a model name that matched nothing: ``default``, then local models."""
+    return difflib.get_close_matches(
+        spec, ["default", *_local_candidates(spec)], n=3, cutoff=cutoff
+    )
+
+
+def _did_you_mean(spec: str, cutoff: float = 0.6) -> str:
+    close = model_suggestions(spec, cutoff)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE``), in the env or the library."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return env in ("1", "ON", "YES", "TRUE") or bool(constants.is_offline_mode())
+
+
+def check_hub_id(spec: str) -> None:
+    """Fail fast on a hub id that cannot load, instead of minutes of download retries.
+
+    A name that is no valid hub id, a bare name close to ``default`` or a local model, a model
+    missing from the local cache while offline, and one the hub says does not exist (or that it
+    cannot be reached for) are refused at once, with the nearest names. A cached model, and any
+    other answer from the hub (gated, rate limited), is left to ``from_pretrained``.
+
+    Raises:
+        ModelLoadError: When the model cannot load, saying why and what to pass instead.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    others = "'default', a local model folder, a .gguf file, or a hub id such as 'org/name'"
+    what = f"Pass {others}."
+    try:
+        cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except HFValidationError:
+        raise ModelLoadError(
+            f"{spec!r} is no model: not a file, not a folder, not a valid hub id."
+            f"{_did_you_mean(spec)} {what}"
+        ) from None
+    if cached:
+        return
+    if "/" not in spec and model_suggestions(spec, cutoff=0.75):
+        raise ModelLoadError(f"Unknown model {spec!r}.{_did_you_mean(spec, 0.75)} {what}")
+    if hub_offline():
+        raise ModelLoadError(
+            f"Model {spec!r} is not in the Hugging Face cache, and the hub is offline "
+            f"(HF_HUB_OFFLINE is set).{_did_you_mean(spec)} Unset HF_HUB_OFFLINE to download "
+            f"it, or pass {others}."
+        )
+    try:
+        HfApi().model_info(spec, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return  # from_pretrained says how to get access
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"No model {spec!r} on the Hugging Face hub (or it is private: log in with "
+            f"`hf auth login`).{_did_you_mean(spec)} {what}"
+        ) from None
+    except HfHubHTTPError:
+        return  # any other answer from the hub: from_pretrained reports it in full
+    except Exception as e:  # connection refused, no DNS, timeout: the HTTP client's own types
+        raise ModelLoadError(
+            f"Cannot reach the Hugging Face hub to fetch {spec!r} ({type(e).__name__}: {e}).{_did_you_mean(spec)} "
+            f"Check the network, set HF_HUB_OFFLINE=1 to use cached models only, or pass {others}."
+        ) from None
 
 
 @contextmanager
