@@ -171,7 +171,7 @@ def test_resume_refuses_other_config(tiny_lm, mixed, tmp_path):
         out=out,
         progress=False,
     )
-    with pytest.raises(RunError, match="capture differs"):
+    with pytest.raises(RunError, match="--layers differs"):
         run_benchmark(
             tiny_lm,
             mixed.limited(2),

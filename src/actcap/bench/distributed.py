@@ -43,6 +43,7 @@ from actcap.models.loading import load_model, load_skeleton
 from actcap.storage.location import is_url, local_path
 from actcap.storage.run import (
     SHARD_BYTES,
+    WORKERS,
     DoneIndex,
     Storage,
     new_writer_id,
@@ -50,9 +51,6 @@ from actcap.storage.run import (
     resolve_storage,
 )
 from actcap.storage.writers import attach_writer, open_writer
-
-WORKERS = "workers"
-"""Folder of a local run where each actor records who it is (host, pid, device)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import re
+import secrets
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -99,18 +99,44 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _new_temp(path: Path) -> str:
+    """Create an empty hidden temporary file beside ``path`` and return its name.
+
+    It is created with mode 0666 less the umask, as any new file (``mkstemp`` would make it
+    0600, and the rename would keep that), exclusively, so never through an existing link.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"{path.parent}: cannot find a free temporary name.")
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write ``path`` through a temporary file beside it: ``write(tmp)``, fsync, rename, fsync the folder.
 
-    A crash or an error leaves the old file (or none), never a partial one.
+    A crash or an error leaves the old file (or none), never a partial one. The file gets the
+    permissions the umask gives any new file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
+        mode = os.stat(tmp).st_mode & 0o777  # what the umask gave it
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW)
+        try:
+            if os.fstat(fd).st_mode & 0o777 != mode:
+                os.fchmod(fd, mode)  # safetensors' save_file recreates the file 0600
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -122,7 +148,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably."""
 
     def write(tmp: str) -> None:
-        Path(tmp).write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | _NOFOLLOW)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
     _atomic_write(path, write)
 

@@ -29,12 +29,15 @@ from actcap.storage.run import (
     SHARD_BYTES,
     SHARDS,
     ManifestEntry,
+    check_out_folder,
     check_run_config,
+    damaged_samples,
     manifest_line,
     manifest_names,
     merged_manifest,
     new_writer_id,
     read_all_manifests,
+    warn_redone,
 )
 from actcap.storage.shards import shard_name
 
@@ -74,14 +77,19 @@ class RemoteRunWriter:
         """
         root = url.rstrip("/")
         fs, path = url_fs(root)
-        record = check_run_config(root, config, resume, bool(read_all_manifests(root)))
+        check_out_folder(root)
+        entries = read_all_manifests(root)
+        record = check_run_config(root, config, resume, bool(entries))
         try:
             fs.makedirs(path, exist_ok=True)
             if record is not None:
                 fs.pipe_file(f"{path}/{RUN_FILE}", record)
         except OSError as e:
             raise RunError(f"{root}: cannot write ({e}).") from e
-        return cls(root, shard_bytes=shard_bytes)
+        writer = cls(root, shard_bytes=shard_bytes)
+        if resume and entries:
+            writer._drop_damaged(entries)
+        return writer
 
     @classmethod
     def attach(cls, url: str, writer_id: str, *, shard_bytes: int = SHARD_BYTES) -> RemoteRunWriter:
@@ -165,8 +173,12 @@ class RemoteRunWriter:
     def merge_segments(self, order: Iterable[str] | None = None) -> int:
         """Fold the segments into ``manifest.jsonl`` (written whole), then remove them."""
         self.flush()
+        return self._rewrite_manifest(order)
+
+    def _rewrite_manifest(self, order: Iterable[str] | None, exclude: Iterable[str] = ()) -> int:
+        """Write ``manifest.jsonl`` whole (without ``exclude``), then remove the segments."""
         segments = [n for n in manifest_names(self.root) if n != MANIFEST]
-        ordered, data = merged_manifest(self.root, order)
+        ordered, data = merged_manifest(self.root, order, exclude)
         try:
             self._fs.pipe_file(f"{self._path}/{MANIFEST}", data)
             for name in segments:
@@ -175,6 +187,13 @@ class RemoteRunWriter:
             raise RunError(f"{self.root}: cannot merge the manifests ({e}).") from e
         self.done = {e.id: e for e in ordered}
         return len(ordered)
+
+    def _drop_damaged(self, entries: list[ManifestEntry]) -> None:
+        """Unlist finished samples whose shard is missing or cut short, so they are redone."""
+        bad = damaged_samples(self.root, entries)
+        if bad:
+            warn_redone(self.root, bad)
+            self._rewrite_manifest(None, bad)
 
     def write_results(self, results: Mapping[str, Any]) -> str:
         """Write ``results.json``."""

@@ -12,31 +12,47 @@
 A sample is done when its manifest line exists: its file is written under a temporary name and
 renamed first (or its bytes are appended to a shard and fsynced), so a crash at any instant leaves
 every sample whole or absent. The manifest lines are the index: for a shard they carry the shard,
-offset and length of the sample's bytes. The lock is an ``flock`` that the kernel releases when
-its process dies, so a killed run never blocks a resume. Extra writers (Ray actors, each with its
-own id) write their own segment under ``manifests/`` and their own shards; readers take the union
-of all manifests, first line per id wins, so a sample written twice (a retried batch) counts once.
+offset and length of the sample's bytes. The lock is an ``flock`` on the run directory itself
+(and on ``.lock``, which also names the holder's pid), which the kernel releases when its process
+dies, so a killed run never blocks a resume, and deleting ``.lock`` lets no second writer in.
+Extra writers (Ray actors, each with its own id) write their own segment under ``manifests/`` and
+their own shards; readers take the union of all manifests, first line per id wins, so a sample
+written twice (a retried batch) counts once.
+
+Safety: actcap writes only into a new or empty folder or one of its own runs; it never writes
+through a symbolic link inside a run, removes only its own leftovers, and reads only files inside
+the run (a manifest path that is absolute, climbs out with ``..`` or leads out through a link is
+corrupt). A resume checks that every finished sample's file or shard range is there and whole,
+and that every option that changes an answer, a grade or an activation matches ``run.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from torch import Tensor
 
 from actcap.errors import FormatError, RunError, UnknownNameError
-from actcap.storage.files import atomic_write_bytes, encode_sample, fsync_dir, save_activations
-from actcap.storage.format import FORMAT_VERSION, SHARD_SUFFIX, SUFFIX, SampleMeta, ShardSlice
+from actcap.storage.files import (
+    atomic_write_bytes,
+    encode_sample,
+    fsync_dir,
+    parse_header,
+    read_header,
+    save_activations,
+)
+from actcap.storage.format import FORMAT_VERSION, SUFFIX, SampleMeta, ShardSlice
 from actcap.storage.location import (
     PathOrUrl,
     exists,
@@ -45,7 +61,9 @@ from actcap.storage.location import (
     list_names,
     local_path,
     read_bytes,
+    url_fs,
 )
+from actcap.storage.safety import NOFOLLOW, UnsafePathError, lock_run, refuse_link, run_path
 from actcap.storage.shards import ShardAppender
 
 RUN_FILE = "run.json"
@@ -55,6 +73,8 @@ RESULTS = "results.json"
 SAMPLES = "samples"
 SHARDS = "shards"
 LOCK = ".lock"
+WORKERS = "workers"
+"""Folder of a local run where each Ray actor records who it is (host, pid, device)."""
 RUN_FORMAT_VERSION = 2
 """The newest run layout this actcap reads. 1: a file per sample, one manifest. 2: shards (manifest
 lines with offset and length) and manifest segments. A run records the oldest version that reads
@@ -64,6 +84,25 @@ SHARD_BYTES = 1 << 30
 AUTO_SHARD_SAMPLES = 10_000
 """``storage="auto"`` picks shards for runs of more questions than this."""
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_PLAIN_ID = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,78}[a-z0-9_])?")
+"""Ids kept as their own file name: lowercase-safe, no leading or trailing dot or dash."""
+_HASHED_STEM = re.compile(r".*-[0-9a-f]{12}")
+"""The form of a cleaned id with its hash: no id is kept as a name of that form."""
+_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(10)),
+    *(f"lpt{i}" for i in range(10)),
+}
+"""Names Windows reserves whatever their suffix."""
+_TEMP = re.compile(r"\..+\.tmp")
+"""actcap's temporary names (a hidden name ending in ``.tmp``), inside ``samples/`` and ``shards/``."""
+_ROOT_TEMP = re.compile(r"\.(run\.json|results\.json|manifest\.jsonl)\..+\.tmp")
+"""actcap's temporary names in the run folder itself."""
+_SHARD_FILE = re.compile(r"[0-9a-f]{12}-\d{5,}\.shard")
+"""The names actcap gives shards (see :func:`actcap.storage.shards.shard_name`)."""
 
 Storage = Literal["files", "shards", "auto"]
 """One file per sample, many samples per shard, or shards above :data:`AUTO_SHARD_SAMPLES`."""
@@ -91,16 +130,77 @@ def new_writer_id() -> str:
 
 
 def sample_filename(sample_id: str) -> str:
-    """A file name for a sample id that stays inside ``samples/`` whatever the id holds.
+    """A file name for a sample id, inside ``samples/``, distinct for distinct ids.
 
-    Ids made only of safe characters are kept as they are; any other id (with ``/``, ``..``, NUL,
-    spaces, ...) is cleaned and suffixed with a hash of the original, so two ids never collide.
+    Ids of lowercase letters, digits, ``_``, ``.`` and ``-`` are kept as they are. Any other id
+    (upper case, ``/``, ``..``, NUL, spaces, ...) is cleaned, lowercased and suffixed with a hash
+    of the original; no kept id has that suffixed form. So two ids never share a name, also on a
+    case-insensitive file system (macOS, Windows, SMB). Readers use the name in the manifest,
+    so runs written under an earlier rule stay readable.
     """
-    cleaned = _SAFE.sub("_", sample_id).strip("._")[:80]
-    if cleaned == sample_id and cleaned:
-        return cleaned + SUFFIX
+    if (
+        _PLAIN_ID.fullmatch(sample_id)
+        and not _HASHED_STEM.fullmatch(sample_id)
+        and sample_id.split(".")[0] not in _RESERVED
+    ):
+        return sample_id + SUFFIX
+    cleaned = _SAFE.sub("_", sample_id).strip("._-").lower()[:80]
     digest = hashlib.sha256(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{cleaned or 'sample'}-{digest}{SUFFIX}"
+
+
+def _is_sample_name(name: str) -> bool:
+    """Whether a name in ``samples/`` is one actcap may have given a sample file."""
+    return name.endswith(SUFFIX) and not name.startswith(".")
+
+
+def _refuse_links(root: Path) -> None:
+    """Refuse a run folder where any of actcap's own names (or a manifest segment) is a link."""
+    for name in (LOCK, RUN_FILE, MANIFEST, RESULTS, SAMPLES, SHARDS, MANIFESTS, WORKERS):
+        refuse_link(root / name)
+    if (root / MANIFESTS).is_dir():
+        for p in (root / MANIFESTS).iterdir():
+            refuse_link(p)
+
+
+def is_run_record(data: bytes) -> bool:
+    """Whether bytes are an actcap ``run.json`` (a JSON object with a ``format_version``)."""
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and "format_version" in record
+
+
+def check_out_folder(root: PathOrUrl) -> None:
+    """Refuse to write into an existing folder that is neither empty nor an actcap run.
+
+    A folder holding only actcap's lock or temporary files (a crash before its ``run.json``
+    was written) counts as empty.
+
+    Raises:
+        RunError: When the folder holds anything else and no actcap ``run.json``.
+    """
+    text = os.fspath(root)
+    if not is_url(text) and not local_path(text).is_dir():
+        return  # created by the writer (a file in its way fails there, naming the path)
+    try:
+        names = [n for n in list_names(text, "") if n != LOCK and not _ROOT_TEMP.fullmatch(n)]
+    except OSError as e:
+        raise RunError(f"{text}: cannot read the run directory ({e.strerror or e}).") from e
+    if not names:
+        return
+    run_file = join(text, RUN_FILE)
+    if RUN_FILE in names and not (not is_url(text) and local_path(run_file).is_symlink()):
+        with contextlib.suppress(FormatError):
+            if is_run_record(read_bytes(run_file)):
+                return
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise RunError(
+        f"{text}: this folder is not empty ({shown}) and is not an actcap run (no actcap "
+        f"{RUN_FILE}); actcap writes only into a new or empty folder or its own run, and "
+        "deletes nothing here. Choose another --out."
+    )
 
 
 @dataclass(frozen=True)
@@ -114,14 +214,37 @@ class ManifestEntry:
     record: dict[str, Any]
     """The whole line: question, response, reference, correct, score, category, token counts."""
 
-    def source(self, root: PathOrUrl) -> Path | ShardSlice | None:
-        """Where the sample's activations are: a file, a slice of a shard, or nowhere."""
+    def source(self, root: PathOrUrl, real_root: str | None = None) -> Path | ShardSlice | None:
+        """Where the sample's activations are: a file, a slice of a shard, or nowhere.
+
+        Args:
+            root: The run directory or URL.
+            real_root: ``os.path.realpath(root)`` when the caller has it (saves a lookup).
+
+        Raises:
+            FormatError: When the manifest line is corrupt: its path leads out of the run (an
+                absolute path, ``..``, a link out), or its offset or length is no count.
+        """
         if self.file is None:
             return None
+        try:
+            location = run_path(root, self.file, real_root)
+        except UnsafePathError as e:
+            raise UnsafePathError(
+                f"{os.fspath(root)}: the manifest line of sample {self.id!r} is corrupt: its file "
+                f"{e}. actcap reads only files inside the run; this sample is skipped."
+            ) from None
         offset, length = self.record.get("offset"), self.record.get("length")
-        if isinstance(offset, int) and isinstance(length, int):
-            return ShardSlice(join(os.fspath(root), self.file), offset, length)
-        return local_path(root) / self.file
+        if offset is None and length is None:
+            return Path(location)
+        if not (
+            isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
+        ):
+            raise FormatError(
+                f"{os.fspath(root)}: the manifest line of sample {self.id!r} is corrupt: offset "
+                f"{offset!r} and length {length!r} are not byte counts."
+            )
+        return ShardSlice(location, offset, length)
 
     @property
     def correct(self) -> bool | None:
@@ -202,10 +325,14 @@ def manifest_line(
 
 
 def merged_manifest(
-    root: PathOrUrl, order: Iterable[str] | None
+    root: PathOrUrl, order: Iterable[str] | None, exclude: Iterable[str] = ()
 ) -> tuple[list[ManifestEntry], bytes]:
-    """All of a run's manifests as one: one line per id, those in ``order`` first, and its bytes."""
-    entries = read_all_manifests(root)
+    """All of a run's manifests as one: one line per id, those in ``order`` first, and its bytes.
+
+    Ids in ``exclude`` (samples to redo) are left out.
+    """
+    dropped = set(exclude)
+    entries = [e for e in read_all_manifests(root) if e.id not in dropped]
     by_id = {e.id: e for e in entries}
     ordered = [by_id.pop(i) for i in order or () if i in by_id]
     ordered += [e for e in entries if e.id in by_id]
@@ -245,17 +372,117 @@ class DoneIndex:
         return self.ids
 
 
+def damaged_samples(root: PathOrUrl, entries: Iterable[ManifestEntry]) -> dict[str, str]:
+    """Finished samples whose activations are not there whole: sample id to why.
+
+    A file must exist and its safetensors header parse, with every tensor inside the file; a
+    shard range must lie inside its shard and (locally) its header parse. At a URL only the
+    shards' sizes are checked (one request per shard, not one per sample).
+    """
+    text = os.fspath(root)
+    real_root = None if is_url(text) else os.path.realpath(local_path(text))
+    bad: dict[str, str] = {}
+    slices: dict[str, list[tuple[ManifestEntry, ShardSlice]]] = {}
+    for e in entries:
+        try:
+            source = e.source(text, real_root)
+            if isinstance(source, Path):
+                read_header(source)
+            elif isinstance(source, ShardSlice):
+                slices.setdefault(source.shard, []).append((e, source))
+        except FormatError as err:
+            bad[e.id] = str(err)
+    for shard, items in slices.items():
+        bad.update(_damaged_in_shard(shard, items))
+    return bad
+
+
+def _damaged_in_shard(shard: str, items: list[tuple[ManifestEntry, ShardSlice]]) -> dict[str, str]:
+    """The samples of one shard whose byte range is missing, cut short or not safetensors."""
+    fd = -1
+    try:
+        if is_url(shard):
+            fs, path = url_fs(shard)
+            size = int(fs.size(path))
+        else:
+            fd = os.open(local_path(shard), os.O_RDONLY | NOFOLLOW)
+            size = os.fstat(fd).st_size
+    except OSError as err:
+        return {e.id: f"{shard}: cannot read the shard ({err})." for e, _ in items}
+    bad: dict[str, str] = {}
+    try:
+        for e, part in items:
+            end = part.offset + part.length
+            if end > size:
+                bad[e.id] = f"{part}: the shard has {size} bytes, the sample ends at {end}."
+            elif fd >= 0:
+                try:
+                    parse_header(_reader_at(fd, part.offset), part.length, str(part))
+                except FormatError as err:
+                    bad[e.id] = str(err)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return bad
+
+
+def _reader_at(fd: int, base: int) -> Callable[[int, int], bytes]:
+    """``read(start, n)`` over a file's bytes from ``base`` on."""
+    return lambda start, n: os.pread(fd, n, base + start)
+
+
 def _cut_torn_line(path: Path) -> None:
     """Remove a final line without its newline (an append cut short by a crash or a full disk)."""
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDWR | NOFOLLOW)
+    except FileNotFoundError:
         return
-    with open(path, "r+b") as f:
+    with os.fdopen(fd, "r+b") as f:
         data = f.read()
         end = data.rfind(b"\n") + 1
         if end != len(data):
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
+
+
+def drop_damaged(root: Path, entries: list[ManifestEntry]) -> list[ManifestEntry]:
+    """Check every finished sample of a run being resumed; unlist those to redo.
+
+    The manifest is rewritten whole without them (and any segments folded into it) and renamed
+    into place, so readers, which keep the first line of an id, see only the redone sample.
+
+    Returns:
+        The entries still finished.
+    """
+    bad = damaged_samples(root, entries)
+    if not bad:
+        return entries
+    warn_redone(root, bad)
+    ordered, data = merged_manifest(root, None, exclude=bad)
+    _replace_manifest(root, data)
+    return ordered
+
+
+def warn_redone(root: PathOrUrl, bad: Mapping[str, str]) -> None:
+    """Warn that damaged finished samples will be answered again, with the first reasons."""
+    shown = "; ".join(f"{i}: {why}" for i, why in list(bad.items())[:3])
+    more = " ..." if len(bad) > 3 else ""
+    warnings.warn(
+        f"{os.fspath(root)}: {len(bad)} finished sample(s) missing or damaged, answered again: "
+        f"{shown}{more}",
+        stacklevel=4,
+    )
+
+
+def _replace_manifest(root: Path, data: bytes) -> None:
+    """Write ``manifest.jsonl`` whole, renamed into place, then remove the segments it holds."""
+    segments = [n for n in manifest_names(root) if n != MANIFEST]
+    atomic_write_bytes(root / MANIFEST, data)
+    for name in segments:
+        (root / name).unlink(missing_ok=True)
+    if segments:
+        fsync_dir(root / MANIFESTS)
 
 
 class RunWriter:
@@ -274,10 +501,13 @@ class RunWriter:
         storage: Literal["files", "shards"] = "files",
         shard_bytes: int = SHARD_BYTES,
         writer_id: str | None = None,
+        dir_fd: int = -1,
     ) -> None:
         """Use :meth:`open` (the run's main writer) or :meth:`attach` (an extra writer)."""
         self.root = root
         self._lock_fd = lock_fd
+        self._dir_fd = dir_fd
+        self._samples_checked = False
         self.storage: str = storage
         self.writer_id = writer_id or new_writer_id()
         self.manifest_name = MANIFEST if lock_fd >= 0 else f"{MANIFESTS}/{self.writer_id}.jsonl"
@@ -309,38 +539,27 @@ class RunWriter:
             shard_bytes: Size at which a shard is closed and the next begun.
 
         Raises:
-            RunError: When another process holds the lock, the directory holds another run, or
-                it has samples and ``resume`` is False.
+            RunError: When another process holds the lock, the directory holds another run or
+                something that is not a run, it has samples and ``resume`` is False, an option
+                differs from the resumed run's, or a name of the run is a symbolic link.
         """
         path = local_path(root)
+        _refuse_links(path)
+        check_out_folder(path)
+        dir_fd, lock_fd = lock_run(path, LOCK)
         try:
-            # samples/ or shards/ appear with their first sample.
-            path.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError as e:
-            raise RunError(
-                f"{path}: cannot write the run directory ({e.strerror}). Choose another --out or fix its permissions."
-            ) from e
-        except OSError as e:
-            raise RunError(f"{path}: cannot create the run directory ({e.strerror or e}).") from e
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(lock_fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(lock_fd)
-            raise RunError(
-                f"{path}: another actcap process (pid {holder}) is writing this run. Wait for it to "
-                "finish, or choose another --out."
-            ) from None
-        try:
-            os.ftruncate(lock_fd, 0)
-            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
-            record = check_run_config(path, config, resume, bool(read_all_manifests(path)))
+            _refuse_links(path)  # again, now that no other actcap process writes here
+            entries = read_all_manifests(path)
+            record = check_run_config(path, config, resume, bool(entries))
             if record is not None:
                 atomic_write_bytes(path / RUN_FILE, record)
-            writer = cls(path, lock_fd, storage=storage, shard_bytes=shard_bytes)
+            if resume and entries:
+                drop_damaged(path, entries)
+            writer = cls(path, lock_fd, storage=storage, shard_bytes=shard_bytes, dir_fd=dir_fd)
         except BaseException:
-            os.close(lock_fd)  # releases the flock
+            os.close(lock_fd)  # releases the flocks
+            if dir_fd >= 0:
+                os.close(dir_fd)
             raise
         writer.cleanup_leftovers()
         return writer
@@ -365,29 +584,41 @@ class RunWriter:
         path = local_path(root)
         if not (path / RUN_FILE).is_file():
             raise RunError(f"{path}: not a run directory (no {RUN_FILE}); open it first.")
+        _refuse_links(path)
         try:
             return cls(path, -1, storage=storage, shard_bytes=shard_bytes, writer_id=writer_id)
         except OSError as e:
             raise RunError(f"{path}: cannot write the run directory ({e.strerror or e}).") from e
 
     def cleanup_leftovers(self) -> list[Path]:
-        """Remove temporary files, and sample files or shards no manifest names (a crash's leftovers).
+        """Remove actcap's own leftovers of a crash, and nothing else.
+
+        Its temporary files, and sample files or shards that no manifest names, are removed; no
+        link is followed.
 
         Only the main writer calls this, when no extra writer is running.
+
+        Raises:
+            RunError: When ``samples/`` or ``shards/`` is a symbolic link.
         """
         removed = []
         listed = {e.file for e in self.done.values() if e.file}
-        for folder, suffix in ((SAMPLES, SUFFIX), (SHARDS, SHARD_SUFFIX)):
-            if not (self.root / folder).is_dir():
+        for folder, ours in ((SAMPLES, _is_sample_name), (SHARDS, _SHARD_FILE.fullmatch)):
+            where = self.root / folder
+            refuse_link(where)
+            if not where.is_dir():
                 continue
-            for p in (self.root / folder).iterdir():
-                rel = f"{folder}/{p.name}"
-                if p.name.endswith(".tmp") or (p.name.endswith(suffix) and rel not in listed):
+            for p in where.iterdir():
+                leftover = _TEMP.fullmatch(p.name) or (
+                    ours(p.name) and f"{folder}/{p.name}" not in listed
+                )
+                if leftover and p.is_file() and not p.is_symlink():
                     p.unlink(missing_ok=True)
                     removed.append(p)
-        for p in self.root.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+        for p in self.root.iterdir():
+            if _ROOT_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
         return removed
 
     def is_done(self, sample_id: str) -> bool:
@@ -423,6 +654,9 @@ class RunWriter:
                     rel, where = f"{SHARDS}/{name}", {"offset": offset, "length": length}
                 else:
                     rel = f"{SAMPLES}/{sample_filename(sample_id)}"
+                    if not self._samples_checked:
+                        refuse_link(self.root / SAMPLES)
+                        self._samples_checked = True
                     save_activations(
                         self.root / rel,
                         activations,
@@ -450,10 +684,17 @@ class RunWriter:
     def _open_manifest(self) -> BinaryIO:
         """Open this writer's manifest for appending, after cutting a torn last line."""
         path = self.root / self.manifest_name
+        refuse_link(path.parent)
         new = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_line(path)
-        handle = open(path, "ab")  # noqa: SIM115 - closed in close()
+        try:
+            _cut_torn_line(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                refuse_link(path)
+            raise
+        handle = os.fdopen(fd, "ab")  # closed in close()
         if new:
             fsync_dir(path.parent)  # the new file's name is durable too
         return handle
@@ -492,17 +733,15 @@ class RunWriter:
         if self._manifest is not None:
             with contextlib.suppress(OSError):
                 self._manifest.close()
-        atomic_write_bytes(self.root / MANIFEST, data)
-        self._manifest = open(self.root / MANIFEST, "ab")  # noqa: SIM115
-        for name in segments:
-            (self.root / name).unlink(missing_ok=True)
-        fsync_dir(self.root / MANIFESTS)
+        _replace_manifest(self.root, data)
+        self._manifest = self._open_manifest()
         self.done = {e.id: e for e in ordered}
         return len(ordered)
 
     def write_results(self, results: Mapping[str, Any]) -> str:
         """Write ``results.json`` atomically."""
         path = self.root / RESULTS
+        refuse_link(path)
         atomic_write_bytes(path, json.dumps(results, indent=2, ensure_ascii=False).encode())
         return str(path)
 
@@ -516,6 +755,9 @@ class RunWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def __enter__(self) -> RunWriter:
         """Use as a context manager."""
@@ -526,14 +768,60 @@ class RunWriter:
         self.close()
 
 
+FREE_OPTIONS = frozenset(
+    {"batch_size", "limit", "sort_by_length", "prefix_cache", "background_write"}
+)
+"""Options a resume may change: they select questions or set speed, never change an answer."""
+_LABELS = {
+    "model": "--model",
+    "benchmark": "--benchmark",
+    "capture": "capture (--no-capture)",
+    "sites": "the site list",
+    "layers": "--layers",
+    "kinds": "--sites",
+    "token_selection": "--token-selection",
+    "dtype": "--dtype",
+    "capture_generated": "--capture-generated",
+    "few_shot": "--few-shot",
+    "mode": "--mode",
+    "grader": "--grader",
+    "choice_format": "--choice-format",
+    "max_new_tokens": "--max-new-tokens",
+    "overflow": "--overflow",
+    "chat": "the chat template setting",
+}
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Every setting that changes an answer, grade or activation and differs between two configs.
+
+    Each reads as ``"--few-shot differs (run: 0, now: 5)"``.
+
+    Compared: model, benchmark, the captured sites, every capture setting and every option but
+    :data:`FREE_OPTIONS`. A key missing on either side (a run written by an older actcap) is
+    unknown, and accepted.
+    """
+    now = json.loads(json.dumps(dict(new), default=str))  # tuples as lists, as in run.json
+    pairs: list[tuple[str, Any, Any]] = []
+    for key in ("model", "benchmark", "capture", "sites", "options"):
+        if key not in old or key not in now:
+            continue
+        a, b = old[key], now[key]
+        if key in ("capture", "options") and isinstance(a, dict) and isinstance(b, dict):
+            pairs += [(k, a[k], b[k]) for k in a if k in b and k not in FREE_OPTIONS]
+        else:
+            pairs.append((key, a, b))
+    return [f"{_LABELS.get(k, k)} differs (run: {a!r}, now: {b!r})" for k, a, b in pairs if a != b]
+
+
 def check_run_config(
     root: PathOrUrl, config: Mapping[str, Any], resume: bool, has_samples: bool
 ) -> bytes | None:
     """Check a run's config against its ``run.json``; the new ``run.json`` to write, or None.
 
     Raises:
-        RunError: When the run has samples and ``resume`` is False, or differs in model,
-            benchmark or capture.
+        RunError: When the run has samples and ``resume`` is False, or a resume differs in any
+            setting that changes an answer, a grade or an activation (all listed at once).
     """
     text = os.fspath(root)
     run_file = join(text, RUN_FILE)
@@ -542,18 +830,23 @@ def check_run_config(
             old = json.loads(read_bytes(run_file))
         except (FormatError, ValueError) as e:
             raise RunError(f"{run_file}: unreadable ({e}); choose another --out.") from e
+        if not isinstance(old, dict):
+            raise RunError(
+                f"{run_file}: not an actcap run record (not a JSON object); choose another --out."
+            )
         if has_samples and not resume:
             raise RunError(
                 f"{text}: this run already has finished samples. Pass --resume to continue it, "
                 "or choose another --out."
             )
-        for key in ("model", "benchmark", "capture"):
-            if resume and has_samples and old.get(key) != config.get(key):
-                raise RunError(
-                    f"{text}: cannot resume: {key} differs from the run's "
-                    f"({old.get(key)!r} != {config.get(key)!r}). Use the same options, or another --out."
-                )
         if resume and has_samples:
+            differences = config_differences(old, config)
+            if differences:
+                raise RunError(
+                    f"{text}: cannot resume with other settings than the run's: "
+                    f"{'; '.join(differences)}. Resume with the run's settings (see its "
+                    f"{RUN_FILE}), or choose another --out."
+                )
             return None  # keep the original run.json (its start time, its versions)
     version = 2 if config.get("storage") == "shards" else 1
     record = {"run_format_version": version, "format_version": FORMAT_VERSION, **config}
@@ -572,11 +865,23 @@ class RunInfo:
     """Finished samples, in the order they were written (one per id, over all manifests)."""
     results: dict[str, Any] | None
     """``results.json`` when the run finished."""
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    """``(sample id, why)`` of the manifest lines :meth:`sample_paths` skipped (filled as it goes)."""
 
     def sample_paths(self) -> Iterator[tuple[ManifestEntry, Path | ShardSlice]]:
-        """Each finished sample with where its activations are (a file or a slice of a shard)."""
+        """Each finished sample with where its activations are (a file or a slice of a shard).
+
+        A sample whose manifest line is corrupt (its path leads out of the run, its offset is
+        no count) is skipped with a warning, and listed in :attr:`corrupt`.
+        """
+        real_root = None if is_url(self.root) else os.path.realpath(self.root)
         for e in self.entries:
-            source = e.source(self.root)
+            try:
+                source = e.source(self.root, real_root)
+            except FormatError as err:
+                self.corrupt.append((e.id, str(err)))
+                warnings.warn(str(err), stacklevel=2)
+                continue
             if source is not None:
                 yield e, source
 

@@ -17,7 +17,7 @@ import errno
 import os
 from pathlib import Path
 
-from actcap.errors import WriteError
+from actcap.errors import RunError, WriteError
 from actcap.storage.files import fsync_dir
 from actcap.storage.format import SHARD_SUFFIX
 
@@ -46,11 +46,23 @@ class ShardAppender:
         self._size = 0
 
     def _roll(self) -> None:
+        """Close the current shard and create the next (never inside a linked-out folder).
+
+        Raises:
+            RunError: When ``shards/`` is a symbolic link.
+        """
         self.close()
         self._sequence += 1
         path = self.folder / shard_name(self.writer_id, self._sequence)
+        if self.folder.is_symlink():
+            raise RunError(
+                f"{self.folder}: is a symbolic link; actcap never writes through a link inside a "
+                "run. Remove the link, or choose another --out."
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        # 0666 less the umask, as any new file; exclusive, so never through an existing link.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        self._fd = os.open(path, flags, 0o666)
         self._size = 0
         fsync_dir(self.folder)
 
