@@ -459,3 +459,26 @@ def test_resume_redoes_samples_of_a_cut_shard(tiny_lm, tmp_path):
         q.id for q in bench.questions
     )
     assert load_activations(out, sample_id=last["id"])["activations"]["layer_0"].numel() > 0
+
+
+def test_url_resume_redoes_samples_of_a_missing_shard(tiny_lm):
+    import fsspec
+
+    url = "memory://actcap-safety-test/run"
+    fs = fsspec.filesystem("memory")
+    bench = load_benchmark("demo").limited(4)
+    kw = {"capture": CaptureSpec(layers=[0]), "out": url, "progress": False}
+    opts = EvalOptions(max_new_tokens=2)
+    try:
+        run_benchmark(tiny_lm, bench, options=opts, shard_bytes=1, **kw)  # a shard per sample
+        entry = open_run(url).entries[0]
+        fs.rm(f"/actcap-safety-test/run/{entry.file}")
+        with pytest.warns(UserWarning, match="1 finished sample"):
+            result = run_benchmark(tiny_lm, bench, options=opts, resume=True, **kw)
+        assert result.answered == 1
+        info = open_run(url)
+        assert sorted(e.id for e in info.entries) == sorted(q.id for q in bench.questions)
+        assert load_activations(url, sample_id=entry.id)["prompt"]
+    finally:
+        if fs.exists("/actcap-safety-test"):
+            fs.rm("/actcap-safety-test", recursive=True)
