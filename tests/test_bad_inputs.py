@@ -321,3 +321,27 @@ def test_every_reader_raises_only_actcap_errors_on_bad_files(tmp_path):
             with pytest.raises(ActcapError) as e:
                 read(path)
             assert str(path) in str(e.value)
+
+
+def test_save_activations_onto_a_folder_is_a_write_error(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(WriteError, match="is a folder"):
+        save_activations(folder, {"layer_0": torch.ones(2, 4)}, SampleMeta("p"))
+    assert list(folder.iterdir()) == []
+
+
+def test_deeply_nested_manifest_line_and_results(tmp_path):
+    from actcap.storage.run import read_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"format_version": "1"}')
+    (run / "manifest.jsonl").write_bytes(nested_json(100_000) + b"\n" + b'{"id": "a"}\n')
+    with pytest.raises(FormatError, match="line 1"):
+        read_manifest(run / "manifest.jsonl")
+    (run / "manifest.jsonl").write_text('{"id": "a", "file": null}\n')
+    for content in (nested_json(100_000), b"[0.5]"):
+        (run / "results.json").write_bytes(content)
+        with pytest.raises(FormatError, match="results.json"):
+            open_run(run)

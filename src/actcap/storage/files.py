@@ -30,6 +30,7 @@ from actcap.storage.format import (
     FORMAT_VERSION,
     ID_TENSORS,
     SHARD_SUFFIX,
+    SUFFIX,
     SampleMeta,
     ShardSlice,
 )
@@ -124,7 +125,14 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
     A crash or an error leaves the old file (or none), never a partial one. The file gets the
     permissions the umask gives any new file.
+
+    Raises:
+        WriteError: When ``path`` is a folder.
     """
+    if path.is_dir():
+        raise WriteError(
+            f"{path}: is a folder; give a file name to save to (e.g. {path / 'x'}{SUFFIX})."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp(path)
     try:

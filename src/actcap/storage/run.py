@@ -167,7 +167,7 @@ def is_run_record(data: bytes) -> bool:
     """Whether bytes are an actcap ``run.json`` (a JSON object with a ``format_version``)."""
     try:
         record = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(record, dict) and "format_version" in record
 
@@ -279,7 +279,7 @@ def parse_manifest(data: bytes, label: str) -> list[ManifestEntry]:
             record = json.loads(raw)
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
                 raise ValueError("not an object with a string 'id'")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # Recursion: nested too deep
             if number == len(lines) or (number == len(lines) - 1 and not lines[-1].strip()):
                 break  # torn final append: that sample is simply not done
             raise FormatError(f"{label}: line {number} is corrupt ({e}).") from e
@@ -828,7 +828,7 @@ def check_run_config(
     if exists(run_file):
         try:
             old = json.loads(read_bytes(run_file))
-        except (FormatError, ValueError) as e:
+        except (FormatError, ValueError, RecursionError) as e:
             raise RunError(f"{run_file}: unreadable ({e}); choose another --out.") from e
         if not isinstance(old, dict):
             raise RunError(
@@ -926,7 +926,11 @@ def open_run(root: PathOrUrl) -> RunInfo:
     if exists(results_file):
         try:
             results = json.loads(read_bytes(results_file))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"{results_file}: unreadable ({e}).") from e
+        if not isinstance(results, dict):
+            raise FormatError(
+                f"{results_file}: not a JSON object; the run's results are unreadable."
+            )
     path: Path | str = text if is_url(text) else local_path(text)
     return RunInfo(path, config, read_all_manifests(text), results)
