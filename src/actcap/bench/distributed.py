@@ -37,6 +37,7 @@ from actcap.bench.runner import (
     run_sites,
     write_args,
 )
+from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import RunError, require
 from actcap.models.loading import load_model, load_skeleton
@@ -154,6 +155,7 @@ def run_benchmark_ray(
     progress: bool = True,
     storage: Storage = "auto",
     shard_bytes: int = SHARD_BYTES,
+    verify: int = 0,
 ) -> EvalResult:
     """Answer and grade a benchmark on a Ray cluster, writing one run directory.
 
@@ -170,6 +172,9 @@ def run_benchmark_ray(
         progress: Show a progress bar.
         storage: ``files``, ``shards`` or ``auto``, as for :func:`run_benchmark`.
         shard_bytes: Size at which a shard is closed and the next begun.
+        verify: Once merged, re-check this many random samples on the driver, which then loads
+            the model (``ray_options.load_kwargs``); 0 (the default) leaves it to
+            ``actcap verify`` on a machine that holds the model.
 
     Returns:
         Accuracy overall and per category, and the records, as :func:`run_benchmark`.
@@ -201,7 +206,11 @@ def run_benchmark_ray(
         wall = time.perf_counter() - t0
         writer.merge_segments([q.id for q in bench.questions])
         records = {e.id: e.record for e in read_all_manifests(writer.root)}
-        return finish_run(
+        verification = None
+        if verify > 0 and capture is not None:
+            lm = load_model(model, **ray_options.load_kwargs)
+            verification = verify_after_run(lm, writer.root, verify, len(records))
+        result = finish_run(
             writer,
             bench,
             records,
@@ -213,9 +222,12 @@ def run_benchmark_ray(
                     "workers": ray_options.workers,
                     "gpus_per_worker": ray_options.gpus_per_worker,
                     "cpus_per_worker": ray_options.cpus_per_worker,
-                }
+                },
+                **({"verification": verification} if verification is not None else {}),
             },
         )
+        result.verification = verification
+        return result
     finally:
         writer.close()
 

@@ -23,6 +23,13 @@ from actcap.bench.graders import Grade, get_grader, parse_number
 from actcap.bench.prompts import Mode, build_prompt
 from actcap.bench.questions import Benchmark, Question
 from actcap.bench.scoring import Answer, ChoiceFormat, answer_generate, answer_loglik
+from actcap.bench.verify import (
+    VerificationWarning,
+    model_dtype,
+    nonfinite_message,
+    nonfinite_summary,
+    verify_after_run,
+)
 from actcap.capture.collect import GenerationOptions
 from actcap.capture.sites import resolve_sites
 from actcap.capture.spec import CaptureSpec
@@ -96,6 +103,9 @@ class EvalResult:
     """Time the model waited on a full write queue."""
     answered: int = 0
     """Questions answered in this call (not counting resumed ones)."""
+    verification: dict[str, Any] | None = None
+    """Stored activations re-checked against the model run on each prompt alone (``--verify``),
+    as in ``results.json``; None when not run."""
 
 
 def mode_for(q: Question, option: ModeOption) -> Mode:
@@ -298,6 +308,7 @@ def run_config(
         "storage": storage,
         "started": utc_now(),
         "versions": versions(),
+        "compute": {"dtype": str(model_dtype(lm)).removeprefix("torch."), "device": str(lm.device)},
     }
 
 
@@ -318,9 +329,16 @@ def finish_run(
     waited: float,
     extra: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Summarise the records in question order and write ``results.json``."""
+    """Summarise the records in question order and write ``results.json``.
+
+    Values the storage dtype could not hold (stored as inf/nan) are counted from the records,
+    reported in ``results.json["nonfinite"]`` and warned about.
+    """
     ordered = [records[q.id] for q in bench.questions if q.id in records]
     acc, n, n_correct, per_cat = summarize(ordered)
+    nonfinite = nonfinite_summary(ordered)
+    if nonfinite is not None:
+        warnings.warn(nonfinite_message(nonfinite, "float16"), VerificationWarning, stacklevel=2)
     result = EvalResult(
         acc,
         n,
@@ -346,6 +364,7 @@ def finish_run(
                 if wall > 0 and answered
                 else None,
                 "write_wait_seconds": round(waited, 3),
+                **({"nonfinite": nonfinite} if nonfinite is not None else {}),
                 **(extra or {}),
                 "finished": utc_now(),
             }
@@ -365,6 +384,7 @@ def run_benchmark(
     on_sample: Callable[[ManifestEntry], None] | None = None,
     storage: Storage = "auto",
     shard_bytes: int = SHARD_BYTES,
+    verify: int | None = None,
 ) -> EvalResult:
     """Answer and grade a benchmark, writing every sample's activations into a run directory.
 
@@ -380,6 +400,10 @@ def run_benchmark(
         storage: ``files`` (one per sample), ``shards`` (~1 GB files with an index), or
             ``auto`` (shards above 10,000 questions, and always at a URL).
         shard_bytes: Size at which a shard is closed and the next begun.
+        verify: Once finished, re-check this many random samples, read back from the run,
+            against the model run on each prompt alone (``results.json["verification"]``, a
+            :class:`~actcap.bench.verify.VerificationWarning` when it fails); None: 1% of the
+            samples, at least 1 and at most 8; 0: off. Needs ``out`` and ``capture``.
 
     Returns:
         Accuracy overall and per category, and the records.
@@ -440,7 +464,19 @@ def run_benchmark(
         waited = background.blocked_seconds if background is not None else 0.0
         if writer is not None:
             writer.merge_segments([q.id for q in bench.questions])
-        return finish_run(writer, bench, records, answered=len(todo), wall=wall, waited=waited)
+        root = writer.root if writer is not None and capture is not None else None
+        verification = verify_after_run(lm, root, verify, len(records))
+        result = finish_run(
+            writer,
+            bench,
+            records,
+            answered=len(todo),
+            wall=wall,
+            waited=waited,
+            extra={"verification": verification} if verification is not None else None,
+        )
+        result.verification = verification
+        return result
     finally:
         if background is not None:
             with contextlib.suppress(BaseException):
@@ -476,6 +512,7 @@ def _grade_and_record(
         "choice_logprobs": a.choice_logprobs,
         "n_prompt_tokens": int(a.input_ids.numel()),
         "n_output_tokens": int(a.output_ids.numel()) if a.output_ids is not None else 0,
+        **({"nonfinite": a.nonfinite} if a.nonfinite else {}),
     }
 
 
@@ -506,6 +543,7 @@ def write_args(
             "extracted": record["extracted"],
             "mode": record["mode"],
             "grader": record["grader"],
+            **({"nonfinite": record["nonfinite"]} if record.get("nonfinite") else {}),
         },
     )
     return (q.id, record, a.activations, meta), {

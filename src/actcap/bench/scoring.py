@@ -17,11 +17,13 @@ from actcap.bench.questions import LETTERS, Question
 from actcap.capture.collect import (
     GenerationOptions,
     accepts_argument,
+    count_selected,
     encode,
     forward_kwargs,
     make_recorder,
     run_prompts,
     select_tokens,
+    split_nonfinite,
     split_samples,
 )
 from actcap.capture.hooks import Recorder, recording
@@ -48,6 +50,8 @@ class Answer:
     """Generated tokens."""
     choice_logprobs: list[float] | None = None
     """Log-likelihood of each choice."""
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    """Site to the values its float16 cast made inf/nan (see :mod:`actcap.capture.hooks`)."""
 
 
 def answer_generate(
@@ -62,7 +66,10 @@ def answer_generate(
     samples = run_prompts(
         lm, prompts, spec, generation=generation, batch_size=batch_size, sites=sites
     )
-    return [Answer(s.prompt, s.response, s.input_ids, s.activations, s.output_ids) for s in samples]
+    return [
+        Answer(s.prompt, s.response, s.input_ids, s.activations, s.output_ids, None, s.nonfinite)
+        for s in samples
+    ]
 
 
 def _single_token_ids(lm: LoadedModel, texts: Sequence[str]) -> list[int] | None:
@@ -117,11 +124,12 @@ def _answers(
     scores: Sequence[list[float]],
     ids: Sequence[Tensor],
     acts: Sequence[dict[str, Tensor]],
+    nonfinite: Sequence[dict[str, int]],
 ) -> list[Answer]:
     out = []
-    for p, s, i, a in zip(ps, scores, ids, acts, strict=True):
+    for p, s, i, a, bad in zip(ps, scores, ids, acts, nonfinite, strict=True):
         chosen = max(range(len(s)), key=s.__getitem__)
-        out.append(Answer(p, LETTERS[chosen], i, a, None, s))
+        out.append(Answer(p, LETTERS[chosen], i, a, None, s, bad))
     return out
 
 
@@ -158,8 +166,9 @@ def _loglik_batch(
             ]
         recorder.synchronize()
     acts = split_samples(recorder, batch["attention_mask"], spec)
+    nonfinite = split_nonfinite(recorder, batch["attention_mask"], spec)
     ids = [batch["input_ids"][i][batch["attention_mask"][i].bool()].cpu() for i in range(len(ps))]
-    return _answers(ps, scores, ids, acts)
+    return _answers(ps, scores, ids, acts, nonfinite)
 
 
 MIN_SHARED_PREFIX = 32
@@ -241,8 +250,17 @@ def _loglik_shared_prefix(
             acts[i][name] = select_tokens(
                 torch.cat([shared, tail[i, : len(s)]]), spec.token_selection
             )
+    nonfinite: list[dict[str, int]] = [{} for _ in ps]
+    for name, counts in recorder.nonfinite.items():
+        if len(counts) < 2:
+            continue
+        shared_counts, tail_counts = counts[0][0].cpu(), counts[1].cpu()  # (prefix,), (batch, suffix)
+        for i, s in enumerate(suffixes):
+            per_token = torch.cat([shared_counts, tail_counts[i, : len(s)]])
+            if total := count_selected(per_token, spec.token_selection):
+                nonfinite[i][name] = total
     ids = [torch.tensor(r) for r in rows]
-    return _answers(ps, scores, ids, acts)
+    return _answers(ps, scores, ids, acts, nonfinite)
 
 
 def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:

@@ -10,6 +10,7 @@ from actcap.capture.collect import (
     position_ids_for,
     run_prompts,
     select_tokens,
+    split_nonfinite,
     split_samples,
 )
 from actcap.capture.hooks import Recorder, recording
@@ -36,5 +37,6 @@ __all__ = [
     "resolve_sites",
     "run_prompts",
     "select_tokens",
+    "split_nonfinite",
     "split_samples",
 ]

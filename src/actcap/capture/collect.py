@@ -53,6 +53,9 @@ class CapturedSample:
     """The decoded answer (special tokens removed)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything the caller attaches."""
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    """Site to how many of its stored values the cast to float16 made inf/nan (sites with none
+    left out; empty unless the storage dtype is float16)."""
 
 
 def encode(
@@ -133,6 +136,35 @@ def select_tokens(t: Tensor, selection: TokenSelection) -> Tensor:
     return t.float().mean(dim=0).to(t.dtype)
 
 
+def _sample_rows(
+    chunks: Sequence[Tensor],
+    i: int,
+    n_real: int,
+    last_only: bool,
+    generated_length: int | None,
+) -> Tensor:
+    """Sample ``i``'s rows of a site's chunks: its prompt tokens (padding cut), then its decode steps.
+
+    Works on activations ``(batch, seq, hidden)`` and on per-position counts ``(batch, seq)``.
+    """
+    prefill = chunks[0]
+    if last_only:
+        return prefill[i, -1:]
+    rows = prefill[i, prefill.shape[1] - n_real :]
+    if generated_length is not None and generated_length > 1:
+        steps = [c[i] for c in chunks[1:generated_length]]  # the tokens it read after its prompt
+        if steps:
+            rows = torch.cat([rows, *steps], dim=0)
+    return rows
+
+
+def count_selected(counts: Tensor, selection: TokenSelection) -> int:
+    """Non-finite values behind a stored tensor: the last token's under ``last``, all others'."""
+    if counts.numel() == 0:
+        return 0
+    return int(counts[-1]) if selection == "last" else int(counts.sum())
+
+
 def split_samples(
     recorder: Recorder,
     attention_mask: Tensor,
@@ -156,16 +188,35 @@ def split_samples(
             raise CaptureError(
                 f"Site {name!r} recorded nothing: its module did not run in this forward pass."
             )
-        prefill = chunks[0]  # (batch, seq or 1, hidden)
-        steps = torch.cat(chunks[1:], dim=1) if len(chunks) > 1 else None  # (batch, steps, hidden)
         for i, n in enumerate(lengths):
-            if recorder.last_token_only:
-                rows = prefill[i, -1:]
-            else:
-                rows = prefill[i, prefill.shape[1] - int(n) :]
-                if steps is not None and generated_lengths is not None:
-                    rows = torch.cat([rows, steps[i, : max(generated_lengths[i] - 1, 0)]], dim=0)
+            gen = generated_lengths[i] if generated_lengths is not None else None
+            rows = _sample_rows(chunks, i, int(n), recorder.last_token_only, gen)
             out[i][name] = select_tokens(rows, spec.token_selection)
+    return out
+
+
+def split_nonfinite(
+    recorder: Recorder,
+    attention_mask: Tensor,
+    spec: CaptureSpec,
+    generated_lengths: Sequence[int] | None = None,
+) -> list[dict[str, int]]:
+    """Per sample, the sites whose stored values the cast made inf/nan, with how many.
+
+    Cut like :func:`split_samples` (padding removed, the same rows), after
+    ``recorder.synchronize()``.
+    """
+    lengths = attention_mask.sum(dim=1).tolist()
+    out: list[dict[str, int]] = [{} for _ in lengths]
+    for name, counts in recorder.nonfinite.items():
+        if not counts:
+            continue
+        on_cpu = [c.cpu() for c in counts]
+        for i, n in enumerate(lengths):
+            gen = generated_lengths[i] if generated_lengths is not None else None
+            rows = _sample_rows(on_cpu, i, int(n), recorder.last_token_only, gen)
+            if total := count_selected(rows, spec.token_selection):
+                out[i][name] = total
     return out
 
 
@@ -239,9 +290,10 @@ def run_prompts(
                     base(**forward_kwargs(base, batch))
                 recorder.synchronize()
                 per_sample = split_samples(recorder, batch["attention_mask"], spec)
+                nonfinite = split_nonfinite(recorder, batch["attention_mask"], spec)
                 for i, text in enumerate(chunk):
                     ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].cpu()
-                    results.append(CapturedSample(text, ids, per_sample[i]))
+                    results.append(CapturedSample(text, ids, per_sample[i], nonfinite=nonfinite[i]))
                 continue
             results.extend(_generate_batch(lm, chunk, batch, spec, generation, recorder))
     return results
@@ -275,12 +327,21 @@ def _generate_batch(
         _trim_generated(row[prompt_len:].cpu(), stops, lm.tokenizer.pad_token_id)
         for row in sequences
     ]
-    per_sample = split_samples(recorder, batch["attention_mask"], spec, [len(g) for g in generated])
+    lengths = [len(g) for g in generated]
+    per_sample = split_samples(recorder, batch["attention_mask"], spec, lengths)
+    nonfinite = split_nonfinite(recorder, batch["attention_mask"], spec, lengths)
     out = []
     for i, text in enumerate(chunk):
         ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].cpu()
         response = lm.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         out.append(
-            CapturedSample(text, ids, per_sample[i], output_ids=generated[i], response=response)
+            CapturedSample(
+                text,
+                ids,
+                per_sample[i],
+                output_ids=generated[i],
+                response=response,
+                nonfinite=nonfinite[i],
+            )
         )
     return out

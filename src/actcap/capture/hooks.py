@@ -2,7 +2,9 @@
 
 Hooks copy each activation off the accelerator as soon as it is produced (detached, cast to the
 storage dtype), return ``None`` so the model's computation is untouched, and are always removed
-when the block ends, exceptions included.
+when the block ends, exceptions included. When the cast narrows the range (float16 storage of a
+float32 or bfloat16 model), each hook also counts, on the device and per position, the values the
+cast turns into ``inf``/``nan``, so that a storage dtype too small is never silent.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+FLOAT16_OVERFLOW = 65520.0
+"""Values at least this large (in magnitude) become ``inf`` in float16 (its largest finite value
+is 65,504; 65,520 is halfway to the next power of two and rounds up)."""
+
+
+def nonfinite_after_cast(t: Tensor) -> Tensor:
+    """Per position, how many values of ``(batch, seq, hidden)`` are inf/nan once cast to float16.
+
+    One reduction on the tensor's own device; nothing is synchronised.
+    """
+    return (~(t.abs() < FLOAT16_OVERFLOW)).sum(dim=-1, dtype=torch.int32)
+
+
 def _first_tensor(value: Any) -> Tensor:
     """Normalise module outputs: a tensor, or a tuple/list/ModelOutput whose first item is one."""
     if isinstance(value, Tensor):
@@ -103,6 +118,11 @@ class Recorder:
         self.last_token_only = last_token_only
         self.max_steps = max_steps
         self.chunks: dict[str, list[Tensor]] = {s.name: [] for s in self.sites}
+        self.count_nonfinite = dtype == torch.float16
+        """Whether the cast can overflow (float16 storage), so stored inf/nan are counted."""
+        self.nonfinite: dict[str, list[Tensor]] = {s.name: [] for s in self.sites}
+        """Per site, one ``(batch, seq)`` count per chunk of the values the cast made inf/nan
+        (on the device the activation came from); empty when nothing is counted."""
         self.batch_size: int | None = None
         """Rows of the current batch, so that flattened ``(batch*seq, hidden)`` outputs (OPT's
         MLP) can be put back into shape."""
@@ -111,6 +131,8 @@ class Recorder:
         """Drop everything recorded so far (between batches)."""
         for chunks in self.chunks.values():
             chunks.clear()
+        for counts in self.nonfinite.values():
+            counts.clear()
 
     def store(self, name: str, value: Tensor) -> None:
         """Record one activation tensor for ``name``."""
@@ -124,6 +146,8 @@ class Recorder:
             t = t.reshape(rows, -1, t.shape[-1]) if t.shape[0] % rows == 0 else t.unsqueeze(0)
         if self.last_token_only:
             t = t[:, -1:]
+        if self.count_nonfinite and t.is_floating_point() and t.dtype != torch.float16:
+            self.nonfinite[name].append(nonfinite_after_cast(t))
         non_blocking = t.device.type == "cuda" and self.device.type == "cpu"
         if non_blocking:
             # Pinned memory lets the copy overlap with the next layer's kernels.

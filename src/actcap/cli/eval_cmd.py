@@ -21,6 +21,7 @@ from actcap.cli.common import (
     sites_option,
     token_option,
 )
+from actcap.cli.verify_cmd import checks_printed_not_warned, print_run_checks
 
 scale_options = [
     click.option(
@@ -169,6 +170,15 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @device_option
 @apply_options(placement_options)
 @apply_options(scale_options)
+@click.option(
+    "--verify",
+    "verify",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Once finished, re-check N random samples against the model run on each prompt alone "
+    "(results.json 'verification'; a failure is a red WARNING)  [default: 1% of the samples, "
+    "1 to 8; with --ray: 0; 0: off].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def eval_command(**kw: Any) -> None:
@@ -176,7 +186,8 @@ def eval_command(**kw: Any) -> None:
     refuse_ray_options_without_ray(kw["use_ray"])
     out = kw["out"] or default_out(kw["benchmark"])
     try:
-        run_eval(kw, out)
+        with checks_printed_not_warned():
+            run_eval(kw, out)
     except KeyboardInterrupt:
         click.echo(interrupted_message(out), err=True)
         raise click.exceptions.Exit(130) from None
@@ -267,6 +278,7 @@ def run_eval(kw: dict[str, Any], out: str) -> None:
             ray_options=ray_options,
             resume=kw["resume"],
             progress=not kw["quiet"],
+            verify=kw["verify"] or 0,
             **storage,
         )
         from actcap.models.builtin import DEFAULT_MODEL_NAME
@@ -282,6 +294,7 @@ def run_eval(kw: dict[str, Any], out: str) -> None:
         out=out,
         resume=kw["resume"],
         progress=not kw["quiet"],
+        verify=kw["verify"],
         **storage,
     )
     report(result, bench.name, lm.display_name)
@@ -313,6 +326,7 @@ def report(result: Any, benchmark: str, model: str) -> None:
         click.echo(
             f"run directory: {result.out}  (manifest.jsonl, results.json, {layout(result.out)})"
         )
+    print_run_checks(result)  # last, so that a failed check is the final line
 
 
 def layout(out: Any) -> str:
