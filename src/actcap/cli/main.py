@@ -9,6 +9,7 @@ from actcap.cli.analyze_cmd import analyze, export, lens, plot, probe, report
 from actcap.cli.eval_cmd import eval_command
 from actcap.cli.generate import generate
 from actcap.cli.inspect_cmd import inspect_file
+from actcap.cli.verify_cmd import verify_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def cli() -> None:
 cli.add_command(generate)
 cli.add_command(inspect_file)
 cli.add_command(eval_command)
+cli.add_command(verify_command)
 for command in (analyze, plot, probe, report, lens, export):
     cli.add_command(command)
 
