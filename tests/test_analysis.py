@@ -1,3 +1,4 @@
+import re
 import struct
 
 import numpy as np
@@ -309,3 +310,75 @@ def test_default_model_end_to_end_analysis(default_lm, tmp_path):
     assert "SmolLM2-135M-Instruct" in page and page.count("<img") == len(figs.figures)
     rows = logit_lens(list_samples(out)[0].path, default_lm, k=3)
     assert [x.site for x in rows] == ["layer_0", "layer_10", "layer_20", "layer_29"]
+
+
+# --- issue 11, item 14: runs without activations, one-question classes, help texts ------------
+
+
+def no_capture_run(root):
+    from actcap.storage import RunWriter
+
+    with RunWriter.open(root, {"model": "m", "benchmark": "b"}) as run:
+        for i in range(4):
+            run.write_sample(f"q{i}", {"question": f"q {i}", "correct": i % 2 == 0})
+        run.write_results({"accuracy": 0.5, "n": 4, "n_correct": 2})
+    return root
+
+
+def test_a_run_without_activations_says_so(tmp_path):
+    from actcap.errors import NoActivationsError
+
+    run = no_capture_run(tmp_path / "run")
+    with pytest.raises(NoActivationsError, match="no activations.*--no-capture"):
+        list_samples(run)
+    with pytest.raises(NoActivationsError):
+        directory_summary(run)
+    runner = CliRunner()
+    for args in (
+        ["analyze", "--directory", str(run)],
+        ["plot", str(run), "--out", str(tmp_path / "p")],
+        ["probe", str(run)],
+    ):
+        r = runner.invoke(cli, args)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1
+        assert "has no activations" in r.output and "--no-capture" in r.output
+    # the report still shows the accuracy and the questions, without pictures
+    r = runner.invoke(cli, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    assert "No pictures" in page and "has no activations" in page and "q 3" in page
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = runner.invoke(cli, ["plot", str(empty)])
+    assert r.exit_code == 1 and "no activation files" in r.output
+
+
+def test_probe_leaves_out_classes_of_one_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    categories = ["a"] * 8 + ["b"] * 8 + ["lonely"] + ["alone"]
+    for i, cat in enumerate(categories):
+        save_activations(
+            tmp_path / f"s{i:02d}.safetensors",
+            {"layer_0": torch.tensor(rng.normal(size=8), dtype=torch.float32)},
+            SampleMeta("p", extra={"category": cat}),
+        )
+    results = probe_layers(tmp_path, "category", folds=3)
+    assert results[0].n == 16 and results[0].left_out == (("alone", 1), ("lonely", 1))
+    r = CliRunner().invoke(cli, ["probe", str(tmp_path), "--target", "category", "--folds", "3"])
+    assert r.exit_code == 0, r.output
+    assert "left out 2 class(es) with a single sample: 'alone' (1), 'lonely' (1)" in r.output
+
+
+def test_analysis_options_have_help():
+    runner = CliRunner()
+    for command, options in (
+        ("report", ["--site", "--target", "--out"]),
+        ("plot", ["--site", "--target", "--out"]),
+        ("probe", ["--target", "--folds", "--reduce", "--max-samples"]),
+    ):
+        text = runner.invoke(cli, [command, "--help"]).output
+        for option in options:
+            line = next(x for x in text.splitlines() if re.match(rf"\s+(-\w, )?{option}\b", x))
+            described = re.split(r"\s{2,}", line.strip())[1:]  # not only "[default: ...]"
+            assert described and not described[0].startswith("["), f"{command}: {line!r}"

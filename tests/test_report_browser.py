@@ -54,9 +54,9 @@ def test_report_renders_and_filters(browser, tiny_lm, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     out = tmp_path / "run"
-    bench = load_benchmark(
-        f"mmlu:{DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}"
-    ).limited(16)
+    bench = load_benchmark(f"mmlu:{DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}").limited(
+        16
+    )
     result = run_benchmark(
         tiny_lm,
         bench,
@@ -100,3 +100,37 @@ def test_report_renders_and_filters(browser, tiny_lm, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "report.png"))
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_hostile_run_values_run_no_script(browser, tmp_path):
+    """Markup in ids, questions, grades, categories, results, config and site names stays text."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    from tests.test_report_escaping import CONFIG, CORRECT, HOSTILE, SITE, hostile_run
+
+    page = build_report(hostile_run(tmp_path / "run"), tmp_path / "report.html")
+    browser.get(page.resolve().as_uri())
+    assert browser.find_element(By.ID, "accuracy").text == "unknown"
+    cells = browser.find_elements(By.CSS_SELECTOR, "#samples tbody tr:first-child td")
+    assert [c.text for c in cells] == [
+        HOSTILE["id"],
+        HOSTILE["question"],
+        HOSTILE["response"],
+        HOSTILE["reference"],
+        CORRECT[0],
+        "plain",
+    ]
+    # every inline handler that an injected attribute could carry, fired on every element
+    browser.execute_script(
+        "for (const e of document.querySelectorAll('*'))"
+        " for (const t of ['mouseover', 'click', 'focus', 'load', 'error'])"
+        "  e.dispatchEvent(new Event(t, {bubbles: true}));"
+    )
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018 - raises when no alert is open
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.execute_script("return document.scripts.length") == 1
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert HOSTILE["category"] in body and SITE in body
+    assert CONFIG["model"] in browser.find_element(By.ID, "config").text

@@ -50,6 +50,10 @@ class CaptureError(ActcapError):
     """A capture request that cannot be carried out on this input."""
 
 
+class NoActivationsError(ActcapError):
+    """A run or folder with nothing to analyse: run with ``--no-capture``, empty, or no files."""
+
+
 def require(module: str, extra: str, feature: str) -> None:
     """Check that an optional dependency can be imported.
 

@@ -15,6 +15,7 @@ from actcap.analysis.vectors import (
     cosine_matrix,
     load_vectors,
     reduce_tokens,
+    spread,
 )
 from actcap.errors import ActcapError
 from actcap.storage.files import ActivationFile, site_sort_key
@@ -85,6 +86,12 @@ class SimilarityMatrix:
     """``(samples, samples)``."""
     correct: list[bool | None]
     """Each sample's grade."""
+    total: int = 0
+    """Samples available: more than ``ids`` when the matrix was made of a subsample."""
+
+
+SIMILARITY_SAMPLES = 500
+"""Samples in a similarity matrix by default: spread evenly over the run (500 x 500 is 1 MB)."""
 
 
 def similarity_matrix(
@@ -92,14 +99,21 @@ def similarity_matrix(
     site: str,
     how: Reduce = "last",
     vectors: SampleVectors | None = None,
+    max_samples: int = SIMILARITY_SAMPLES,
 ) -> SimilarityMatrix:
-    """The cross-sample cosine similarity of one site's (last-token or mean) vectors."""
+    """The cross-sample cosine similarity of one site's (last-token or mean) vectors.
+
+    Of at most ``max_samples`` samples, spread evenly over the run (deterministic); ``total``
+    says how many there were.
+    """
     vecs = vectors or load_vectors(directory, [site], how)
+    sub = vecs.subset(spread(len(vecs.samples), max_samples), [site])
     return SimilarityMatrix(
         site,
-        [s.id for s in vecs.samples],
-        cosine_matrix(vecs.vectors[site]),
-        [s.correct for s in vecs.samples],
+        [s.id for s in sub.samples],
+        cosine_matrix(sub.vectors[site]),
+        [s.correct for s in sub.samples],
+        len(vecs.samples),
     )
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from actcap.analysis import plots
 from actcap.analysis.compare import mean_difference_by_layer, similarity_matrix
 from actcap.analysis.probes import ProbeResult, probe_layers
-from actcap.analysis.stats import directory_summary
+from actcap.analysis.sources import SampleRef
 from actcap.analysis.vectors import load_vectors
-from actcap.errors import ActcapError
+from actcap.errors import ActcapError, UnknownNameError
 
 
 @dataclass
@@ -26,6 +26,8 @@ class RunFigures:
     """Probe results, when probes ran."""
     skipped_files: int = 0
     """Unreadable files skipped."""
+    n_samples: int = 0
+    """Samples read."""
 
 
 def middle_site(sites: list[str]) -> str:
@@ -39,32 +41,44 @@ def make_figures(
     out: str | os.PathLike[str],
     site: str | None = None,
     target: str = "correct",
+    *,
+    samples: list[SampleRef] | None = None,
 ) -> RunFigures:
     """Write the standard pictures of a run (or folder of files) into ``out``.
+
+    One pass reads the run (see :func:`load_vectors`: memory holds about one site's vectors,
+    whatever the number of samples). The similarity heatmap shows at most
+    :data:`compare.SIMILARITY_SAMPLES` samples, the PCA scatter at most :data:`plots.PCA_POINTS` points,
+    the probes use at most :data:`probes.PROBE_SAMPLES` samples; each says so in its title or note.
 
     Args:
         directory: A run directory or a folder of activation files.
         out: Folder for the PNG files.
         site: The site for the one-site pictures (similarity, PCA); the middle layer by default.
         target: The probe target.
+        samples: The samples of ``directory`` when already listed.
+
+    Raises:
+        NoActivationsError: When the run has no activations (made with ``--no-capture``).
+        UnknownNameError: When ``site`` is not in the run.
     """
     out_dir = Path(out)
     result = RunFigures()
-    vecs = load_vectors(directory)
+    vecs = load_vectors(directory, samples=samples)
     result.skipped_files = len(vecs.skipped)
+    result.n_samples = len(vecs.samples)
     chosen = site or middle_site(vecs.sites)
+    if chosen not in vecs.vectors:
+        raise UnknownNameError(
+            f"{directory}: no site {chosen!r} in this run. Sites: {', '.join(vecs.sites)}."
+        )
     first = vecs.samples[0].path
     result.figures.append(plots.histogram(first, out_dir / "histogram.png"))
     try:
         result.figures.append(plots.token_layer_norms(first, out_dir / "token_layer_norms.png"))
     except ValueError as e:
         result.notes.append(f"token-by-layer heatmap: {e}")
-    summary = directory_summary(directory)
-    result.figures.append(
-        plots.norm_by_layer(
-            {s.site: s.mean_norm for s in summary.sites}, out_dir / "norm_by_layer.png"
-        )
-    )
+    result.figures.append(plots.norm_by_layer(vecs.mean_norms, out_dir / "norm_by_layer.png"))
     result.figures.append(
         plots.similarity_heatmap(
             similarity_matrix(directory, chosen, vectors=vecs), out_dir / "similarity.png"
@@ -87,6 +101,26 @@ def make_figures(
         result.figures.append(
             plots.probe_curve(result.probes, out_dir / "probe_accuracy.png", target)
         )
+        result.notes.extend(probe_notes(result.probes))
     except ActcapError as e:
         result.notes.append(f"probes: {e}")
     return result
+
+
+def probe_notes(results: list[ProbeResult]) -> list[str]:
+    """What a reader of probe results must know: a subsample, classes left out."""
+    if not results:
+        return []
+    first, notes = results[0], []
+    if first.labelled > first.n:
+        notes.append(
+            f"probes: trained and tested on {first.n:,} of {first.labelled:,} labelled samples, "
+            "a stratified subsample spread over the run."
+        )
+    if first.left_out:
+        shown = ", ".join(f"{c!r} ({n})" for c, n in first.left_out[:10])
+        more = f" and {len(first.left_out) - 10} more" if len(first.left_out) > 10 else ""
+        notes.append(
+            f"probes: left out {len(first.left_out)} class(es) with a single sample: {shown}{more}."
+        )
+    return notes

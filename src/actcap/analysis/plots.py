@@ -6,17 +6,20 @@ so a caller (or a test) can check that the picture shows the data.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+import torch
 
 from actcap.analysis.compare import MeanDifference, SimilarityMatrix
 from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
+from actcap.analysis.vectors import spread
 from actcap.errors import require
 from actcap.storage.files import ActivationFile, site_sort_key
 from actcap.storage.format import SampleSource, ShardSlice
@@ -48,6 +51,27 @@ def _pyplot() -> Any:
     return plt
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _plain_text(fn: Callable[P, R]) -> Callable[P, R]:
+    """Draw titles and labels as plain text, never as mathtext.
+
+    They hold site names and ids from files: a ``$`` in one must not be parsed (an error).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        _pyplot()
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _stem(file: SampleSource) -> str:
     """A short name for a sample in a title: the file's stem, or the shard's stem and offset."""
     if isinstance(file, ShardSlice):
@@ -74,6 +98,7 @@ def residual_sites(sites: Sequence[str]) -> list[str]:
     )
 
 
+@_plain_text
 def histogram(
     file: SampleSource,
     out: str | os.PathLike[str],
@@ -123,6 +148,7 @@ def _spread(items: Sequence[str], n: int) -> list[str]:
     return [items[i] for i in dict.fromkeys(idx.tolist())]
 
 
+@_plain_text
 def token_layer_norms(
     file: SampleSource, out: str | os.PathLike[str], tokenizer: Any = None
 ) -> Figure:
@@ -168,6 +194,7 @@ def _spread_labels(sites: Sequence[str]) -> list[str]:
     return [s if i % step == 0 else "" for i, s in enumerate(sites)]
 
 
+@_plain_text
 def similarity_heatmap(sim: SimilarityMatrix, out: str | os.PathLike[str]) -> Figure:
     """Heatmap of the cross-sample cosine similarity of one site, samples grouped by grade."""
     plt = _pyplot()
@@ -185,11 +212,12 @@ def similarity_heatmap(sim: SimilarityMatrix, out: str | os.PathLike[str]) -> Fi
     return _save(
         fig,
         out,
-        f"Cosine similarity between samples at {sim.site}",
-        {"matrix": m, "ids": [sim.ids[i] for i in order]},
+        f"Cosine similarity between samples at {sim.site}{of_samples(len(sim.ids), sim.total)}",
+        {"matrix": m, "ids": [sim.ids[i] for i in order], "total": max(sim.total, len(sim.ids))},
     )
 
 
+@_plain_text
 def line_by_layer(
     sites: Sequence[str],
     values: Sequence[float],
@@ -259,30 +287,73 @@ def mean_difference_curve(diffs: Sequence[MeanDifference], out: str | os.PathLik
     )
 
 
+def principal_components(x: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top ``k`` principal components of the rows of ``x``, without copying ``x``.
+
+    Randomized (``torch.pca_lowrank``, seeded, so the same data give the same answer): memory
+    grows with rows x 10, not rows x hidden.
+
+    Returns:
+        ``(scores, explained, mean)``: each row's coordinates ``(rows, k)``, the share of the
+        variance of each component, and the mean row.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    q = min(k + 8, *t.shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, _ = torch.pca_lowrank(t, q=q, center=True, niter=6)
+    mean = x.mean(axis=0, dtype=np.float64)
+    total = sum(
+        float(((x[i : i + 65536].astype(np.float64) - mean) ** 2).sum())
+        for i in range(0, len(x), 65536)
+    )
+    scores = (u[:, :k] * s[:k]).double().numpy()
+    explained = (s[:k].double() ** 2).numpy() / max(total, 1e-12)
+    return scores, explained, mean
+
+
+PCA_POINTS = 5_000
+"""Points a PCA scatter draws at most (the components are fitted on every sample)."""
+
+
+def of_samples(shown: int, total: int) -> str:
+    """`` (500 of 100,000 samples)`` when a picture shows a subsample, else nothing."""
+    return f" ({shown:,} of {total:,} samples)" if total > shown else ""
+
+
+@_plain_text
 def pca_scatter(
-    x: np.ndarray, correct: Sequence[bool | None], site: str, out: str | os.PathLike[str]
+    x: np.ndarray,
+    correct: Sequence[bool | None],
+    site: str,
+    out: str | os.PathLike[str],
+    max_points: int = PCA_POINTS,
 ) -> Figure:
-    """2-D PCA of one site's vectors, coloured by correctness."""
+    """2-D PCA of one site's vectors, coloured by correctness.
+
+    The components are fitted on every row; at most ``max_points`` rows, spread evenly over the
+    run, are drawn (the title says so).
+    """
     plt = _pyplot()
-    centred = x - x.mean(axis=0, keepdims=True)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    coords = centred @ vt[:2].T
-    explained = (s[:2] ** 2) / max(float((s**2).sum()), 1e-12)
+    scores, explained, _ = principal_components(x, 2)
+    shown = spread(len(x), max_points)
+    coords = scores[shown]
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     for label, colour, want in (
         ("correct", "tab:green", True),
         ("incorrect", "tab:red", False),
         ("ungraded", "tab:grey", None),
     ):
-        idx = [i for i, c in enumerate(correct) if c is want]
+        idx = [j for j, i in enumerate(shown) if correct[i] is want]
         if idx:
             ax.scatter(
                 coords[idx, 0],
-                coords[idx, 1],
+                coords[idx, 1] if coords.shape[1] > 1 else np.zeros(len(idx)),
                 c=colour,
-                label=f"{label} ({len(idx)})",
+                label=f"{label} ({len(idx):,})",
                 alpha=0.8,
                 edgecolors="none",
+                s=12 if len(shown) > 500 else None,
             )
     ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
     ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)" if len(explained) > 1 else "PC 2")
@@ -291,6 +362,6 @@ def pca_scatter(
     return _save(
         fig,
         out,
-        f"PCA of {site}, coloured by correctness",
-        {"coords": coords, "explained": explained},
+        f"PCA of {site}, coloured by correctness{of_samples(len(shown), len(x))}",
+        {"coords": coords, "explained": explained, "rows": shown},
     )

@@ -7,16 +7,19 @@ files are reported and skipped, never fatal.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actcap.errors import FormatError
-from actcap.storage.files import ActivationFile
-from actcap.storage.format import SUFFIX, ShardSlice
+import numpy as np
+
+from actcap.errors import FormatError, NoActivationsError
+from actcap.storage.files import ActivationFile, check_metadata, parse_header, site_sort_key
+from actcap.storage.format import ID_TENSORS, SUFFIX, ShardSlice
 from actcap.storage.location import exists, is_url, join
-from actcap.storage.run import RUN_FILE, open_run
+from actcap.storage.run import RUN_FILE, RunInfo, open_run
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,56 @@ def list_samples(directory: str | os.PathLike[str]) -> list[SampleRef]:
 
     Raises:
         FormatError: When the path is no folder.
+        NoActivationsError: When there is no activation file to read: a run made with
+            ``--no-capture``, a run with no finished sample, or a folder without ``.safetensors``.
     """
-    if is_url(directory):
-        info = open_run(directory)
-        return [SampleRef(e.id, p, e.record) for e, p in info.sample_paths()]
+    if is_run(directory):
+        return run_samples(open_run(directory), directory)
     root = Path(directory)
     if not root.is_dir():
         raise FormatError(f"{root}: not a folder.")
-    if (root / RUN_FILE).is_file():
-        info = open_run(root)
-        return [SampleRef(e.id, p, e.record) for e, p in info.sample_paths()]
     files = sorted(p for p in root.rglob(f"*{SUFFIX}") if not p.name.startswith("."))
+    if not files:
+        raise NoActivationsError(
+            f"{root}: no activation files (*{SUFFIX}) in this folder; give a run directory or a "
+            "folder of files written by actcap."
+        )
     return [SampleRef(p.stem, p) for p in files]
+
+
+def is_run(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is a run (a URL, or a folder with ``run.json``), not loose files."""
+    return is_url(directory) or (Path(directory) / RUN_FILE).is_file()
+
+
+def run_samples(info: RunInfo, directory: str | os.PathLike[str]) -> list[SampleRef]:
+    """The samples of an opened run that have activations, in manifest order.
+
+    Raises:
+        NoActivationsError: When none has (see :func:`list_samples`).
+    """
+    refs = [SampleRef(e.id, p, e.record) for e, p in info.sample_paths()]
+    if not refs:
+        raise NoActivationsError(_no_activations(directory, info))
+    return refs
+
+
+def _no_activations(directory: str | os.PathLike[str], info: RunInfo) -> str:
+    """Why a run has no activations to read, in one line."""
+    where = os.fspath(directory)
+    corrupt: list[tuple[str, str]] = getattr(info, "corrupt", [])
+    if corrupt:
+        return (
+            f"{where}: no sample's activations can be read: {len(corrupt):,} manifest line(s) are "
+            f"corrupt (first: {corrupt[0][1]})."
+        )
+    if not info.entries:
+        return f"{where}: this run has no finished sample yet; nothing to analyse."
+    return (
+        f"{where}: this run has no activations: its {len(info.entries):,} sample(s) were "
+        "answered with --no-capture. Run `actcap eval` again without --no-capture to analyse "
+        "activations (its accuracy is in results.json)."
+    )
 
 
 def iter_open(
@@ -88,6 +129,129 @@ def iter_open(
             yield ref, f
         finally:
             f.close()
+
+
+_FLOAT_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+"""Safetensors dtypes read straight into numpy (``BF16`` goes through torch)."""
+_FIRST_READ = 64 << 10
+"""Bytes read at once from a sample in a shard: its header and, for small samples, its tensors."""
+
+
+class _ShardFiles:
+    """Open local shards, kept open while a pass reads their samples (at most ``keep`` at once)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        self._fds: dict[str, int] = {}
+        self._keep = keep
+
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self._keep:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(shard, os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def size(self, shard: str) -> int:
+        """The shard's size in bytes."""
+        return os.fstat(self._fd(shard)).st_size
+
+    def read(self, shard: str, start: int, n: int) -> bytes:
+        """``n`` bytes from ``start`` (fewer at the end of the file)."""
+        return os.pread(self._fd(shard), n, start)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _slice_arrays(
+    part: ShardSlice, files: _ShardFiles, sites: Sequence[str] | None
+) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """A local shard slice's sites and their float32 arrays, with the checks of ActivationFile.
+
+    None when a tensor has a dtype this fast path does not read (the caller falls back).
+
+    Raises:
+        FormatError: When the slice is truncated or not a valid activation file.
+        OSError: When the shard cannot be read.
+    """
+    size = files.size(part.shard)
+    if part.offset + part.length > size:
+        raise FormatError(
+            f"{part}: truncated: the shard has {size} bytes, this sample ends at byte "
+            f"{part.offset + part.length}."
+        )
+    head = files.read(part.shard, part.offset, min(part.length, _FIRST_READ))
+
+    def read(start: int, n: int) -> bytes:
+        if start + n <= len(head):
+            return head[start : start + n]
+        return files.read(part.shard, part.offset + start, n)
+
+    label = str(part)
+    header = parse_header(read, part.length, label)
+    check_metadata(label, header)
+    data_start = 8 + struct.unpack_from("<Q", head)[0]
+    names = sorted(
+        (k for k in header if k != "__metadata__" and k not in ID_TENSORS), key=site_sort_key
+    )
+    arrays = {}
+    for name in names if sites is None else sites:
+        info = header.get(name)
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue  # not in this sample: the caller says which site is missing
+        if info["dtype"] not in _FLOAT_DTYPES:
+            return None
+        begin, end = (data_start + o for o in info["data_offsets"])
+        raw = read(begin, end - begin)
+        if len(raw) != end - begin:
+            raise FormatError(f"{label}: tensor {name!r} is truncated in the shard.")
+        arrays[name] = np.frombuffer(raw, _FLOAT_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return names, arrays
+
+
+def iter_site_arrays(
+    samples: list[SampleRef], skipped: Skipped, sites: Sequence[str] | None = None
+) -> Iterator[tuple[SampleRef, list[str], dict[str, np.ndarray]]]:
+    """Each readable sample with its sites (all of them) and the arrays of the ``sites`` asked for.
+
+    The fast path of a whole-run pass: a sample in a local shard costs one or two reads of an
+    open shard, with the same checks as :class:`ActivationFile`; other samples are read through
+    it. Arrays may be read-only and of any float dtype (convert before keeping them). A site
+    asked for but not in a sample is simply absent from its arrays; ``sites=None`` reads all.
+    Unreadable samples are recorded in ``skipped``.
+    """
+    files = _ShardFiles()
+    try:
+        for ref in samples:
+            try:
+                got = None
+                if isinstance(ref.path, ShardSlice) and not is_url(ref.path.shard):
+                    got = _slice_arrays(ref.path, files, sites)
+                if got is None:
+                    got = _file_arrays(ref.path, sites)
+            except FormatError as e:
+                skipped.add(ref.path, str(e))
+                continue
+            except OSError as e:
+                skipped.add(ref.path, f"{ref.path}: cannot read ({e.strerror or e}).")
+                continue
+            yield ref, *got
+    finally:
+        files.close()
+
+
+def _file_arrays(
+    path: Path | ShardSlice, sites: Sequence[str] | None
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """A sample's sites and arrays through :class:`ActivationFile` (files, URLs, any dtype)."""
+    with ActivationFile(path) as f:
+        names = f.sites
+        wanted = names if sites is None else [s for s in sites if s in f.names]
+        return names, {s: f.get(s).float().numpy() for s in wanted}
 
 
 def run_config(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

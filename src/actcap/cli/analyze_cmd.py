@@ -108,55 +108,95 @@ def analyze(
             )
 
 
+TARGET_HELP = (
+    "The label a probe decodes: correct (the grade), category, or any manifest or metadata "
+    "field. Classes with a single sample are left out (and named)."
+)
+SITE_HELP = "Site for the similarity and PCA pictures, e.g. layer_12 (the middle layer by default)."
+
+
 @click.command("plot")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--out", default="plots", show_default=True, type=click.Path(file_okay=False))
 @click.option(
-    "--site",
-    default=None,
-    help="Site for the similarity and PCA pictures (middle layer by default).",
+    "--out",
+    default="plots",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the PNG files.",
 )
+@click.option("--site", default=None, help=SITE_HELP)
 @click.option(
-    "--target", default="correct", show_default=True, help="Probe target for the probe curve."
+    "--target", default="correct", show_default=True, help=TARGET_HELP + " For the probe curve."
 )
 @reports_errors
 def plot(directory: str, out: str, site: str | None, target: str) -> None:
-    """Write PNG pictures of a run: histograms, heatmaps, norms, probes, PCA."""
+    """Write PNG pictures of a run: histograms, heatmaps, norms, probes, PCA.
+
+    Bounded memory on runs of any size: pictures of many samples show a subsample, and say so.
+    """
     from actcap.analysis import make_figures
 
     figs = make_figures(directory, out, site, target)
     for f in figs.figures:
         click.echo(f"{f.path}  {f.title}")
     for note in figs.notes:
-        click.echo(f"not drawn: {note}")
+        click.echo(f"note: {note}")
     if figs.skipped_files:
         click.echo(f"{figs.skipped_files} unreadable file(s) skipped")
 
 
 @click.command("probe")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option(
-    "--target",
-    default="correct",
-    show_default=True,
-    help="correct, category, or any manifest / metadata field.",
-)
+@click.option("--target", default="correct", show_default=True, help=TARGET_HELP)
 @click.option("--sites", default=None, help="Only these sites, comma-separated.")
-@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2))
 @click.option(
-    "--reduce", "how", default="last", show_default=True, type=click.Choice(["last", "mean"])
+    "--folds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Cross-validation folds (fewer when the smallest class is smaller).",
+)
+@click.option(
+    "--reduce",
+    "how",
+    default="last",
+    show_default=True,
+    type=click.Choice(["last", "mean"]),
+    help="Each sample's vector: its last token, or the mean over its tokens.",
+)
+@click.option(
+    "--max-samples",
+    default=20_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Probe at most this many samples: a stratified subsample spread over the run. "
+    "0 probes every sample (memory holds one site's vectors at a time either way).",
 )
 @reports_errors
-def probe(directory: str, target: str, sites: str | None, folds: int, how: str) -> None:
+def probe(
+    directory: str, target: str, sites: str | None, folds: int, how: str, max_samples: int
+) -> None:
     """Per-layer logistic-regression probe accuracy, cross-validated, against the majority baseline."""
     from actcap.analysis import probe_layers
+    from actcap.analysis.figures import probe_notes
 
     chosen = [s.strip() for s in sites.split(",")] if sites else None
-    results = probe_layers(directory, target, chosen, how, folds)  # type: ignore[arg-type]
-    first = results[0]
-    click.echo(
-        f"probe for {target!r}: {first.n} samples, {first.folds}-fold, majority baseline {first.baseline:.3f}"
+    results = probe_layers(
+        directory,
+        target,
+        chosen,
+        how,  # type: ignore[arg-type]
+        folds,
+        max_samples=max_samples or None,
     )
+    first = results[0]
+    of = f" of {first.labelled:,}" if first.labelled > first.n else ""
+    click.echo(
+        f"probe for {target!r}: {first.n:,}{of} samples, {first.folds}-fold, "
+        f"majority baseline {first.baseline:.3f}"
+    )
+    for note in probe_notes(results):
+        click.echo(f"note: {note}")
     for r in results:
         bar = "#" * round(r.accuracy * 40)
         click.echo(f"  {r.site:<14} {r.accuracy:.3f} ± {r.std:.3f}  {bar}")
@@ -165,13 +205,18 @@ def probe(directory: str, target: str, sites: str | None, folds: int, how: str) 
 @click.command("report")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option(
-    "-o", "--out", default="report.html", show_default=True, type=click.Path(dir_okay=False)
+    "-o",
+    "--out",
+    default="report.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The HTML file to write.",
 )
-@click.option("--site", default=None)
-@click.option("--target", default="correct", show_default=True)
+@click.option("--site", default=None, help=SITE_HELP)
+@click.option("--target", default="correct", show_default=True, help=TARGET_HELP)
 @reports_errors
 def report(directory: str, out: str, site: str | None, target: str) -> None:
-    """Write one self-contained HTML page about a run."""
+    """Write one self-contained HTML page about a run (pictures embedded, every value escaped)."""
     from actcap.analysis import build_report
 
     click.echo(f"wrote {build_report(directory, out, site, target)}")
