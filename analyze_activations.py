@@ -6,6 +6,8 @@ python analyze_activations.py --compare a.safetensors b.safetensors
 """
 
 from actcap.cli.analyze_cmd import analyze
+from actcap.cli.common import one_line_warnings
 
 if __name__ == "__main__":
+    one_line_warnings()
     analyze(prog_name="analyze_activations.py")

@@ -15,6 +15,7 @@ import sys
 from actcap.bench.runner import EvalOptions, run_benchmark
 from actcap.bench.sources import load_benchmark
 from actcap.capture.spec import CaptureSpec
+from actcap.cli.common import one_line_warnings
 from actcap.cli.eval_cmd import interrupted_message, report
 from actcap.errors import ActcapError
 from actcap.models.loading import load_model
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the flags, run the evaluation, print the accuracy and where the files are."""
     p = build_parser()
     args = p.parse_args(argv)
+    one_line_warnings()
     try:
         bench = load_benchmark(args.benchmark)
         capture = (

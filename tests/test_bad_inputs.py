@@ -345,3 +345,28 @@ def test_deeply_nested_manifest_line_and_results(tmp_path):
         (run / "results.json").write_bytes(content)
         with pytest.raises(FormatError, match="results.json"):
             open_run(run)
+
+
+def test_a_run_with_foreign_manifest_paths_warns_in_one_line_and_counts_them(tmp_path):
+    from actcap.storage import RunWriter
+
+    run = tmp_path / "run"
+    with RunWriter.open(run, {"model": "m"}) as w:
+        for i in range(3):
+            w.write_sample(
+                f"s{i}", {"correct": True}, {"layer_0": torch.ones(2, 4)}, SampleMeta("p")
+            )
+    lines = (run / "manifest.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace('"samples/', '"/etc/../samples/')
+    lines[1] = lines[1].replace('"samples/', '"../samples/')
+    (run / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "actcap", "analyze", "--directory", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(warned) == 2 and all(line.startswith("Warning: ") for line in warned), r.stderr
+    assert "1 files read, 2 skipped" in r.stdout, r.stdout

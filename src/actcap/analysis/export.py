@@ -181,7 +181,7 @@ def export_site(
     samples = list_samples(run)
     hidden = _hidden_size(samples, site)
     np_dtype = _NP_DTYPES[dtype]
-    skipped = Skipped()
+    skipped = Skipped.of(samples)
     blocks = _blocks(samples, site, rows, reduce, np_dtype, skipped)
     target.mkdir(parents=True, exist_ok=True)
     if to == "npy":

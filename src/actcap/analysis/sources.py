@@ -40,12 +40,26 @@ class SampleRef:
         return None if value is None else bool(value)
 
 
+class SampleList(list[SampleRef]):
+    """The samples of a run or folder, and the manifest lines skipped as corrupt on the way."""
+
+    def __init__(self, refs: Sequence[SampleRef], corrupt: Sequence[tuple[str, str]] = ()) -> None:
+        """``corrupt``: ``(sample id, why)`` of manifest lines whose activations cannot be read."""
+        super().__init__(refs)
+        self.corrupt = list(corrupt)
+
+
 @dataclass
 class Skipped:
     """Files that could not be read, with why."""
 
     files: list[tuple[str, str]] = field(default_factory=list)
     """``(path, reason)`` pairs."""
+
+    @classmethod
+    def of(cls, samples: Sequence[SampleRef]) -> Skipped:
+        """A count that starts with the corrupt manifest lines :func:`list_samples` left out."""
+        return cls(list(getattr(samples, "corrupt", [])))
 
     def add(self, path: Path | ShardSlice, reason: str) -> None:
         """Record one skipped file."""
@@ -56,7 +70,7 @@ class Skipped:
         return len(self.files)
 
 
-def list_samples(directory: str | os.PathLike[str]) -> list[SampleRef]:
+def list_samples(directory: str | os.PathLike[str]) -> SampleList:
     """The samples of a run (in manifest order, with records) or of a folder of files.
 
     A run may be local or at an fsspec URL, in either layout (a file per sample, or shards).
@@ -77,7 +91,7 @@ def list_samples(directory: str | os.PathLike[str]) -> list[SampleRef]:
             f"{root}: no activation files (*{SUFFIX}) in this folder; give a run directory or a "
             "folder of files written by actcap."
         )
-    return [SampleRef(p.stem, p) for p in files]
+    return SampleList([SampleRef(p.stem, p) for p in files])
 
 
 def is_run(directory: str | os.PathLike[str]) -> bool:
@@ -85,7 +99,7 @@ def is_run(directory: str | os.PathLike[str]) -> bool:
     return is_url(directory) or (Path(directory) / RUN_FILE).is_file()
 
 
-def run_samples(info: RunInfo, directory: str | os.PathLike[str]) -> list[SampleRef]:
+def run_samples(info: RunInfo, directory: str | os.PathLike[str]) -> SampleList:
     """The samples of an opened run that have activations, in manifest order.
 
     Raises:
@@ -94,7 +108,7 @@ def run_samples(info: RunInfo, directory: str | os.PathLike[str]) -> list[Sample
     refs = [SampleRef(e.id, p, e.record) for e, p in info.sample_paths()]
     if not refs:
         raise NoActivationsError(_no_activations(directory, info))
-    return refs
+    return SampleList(refs, info.corrupt)
 
 
 def _no_activations(directory: str | os.PathLike[str], info: RunInfo) -> str:

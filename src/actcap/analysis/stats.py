@@ -198,7 +198,7 @@ def directory_summary(
     of its sites enters the summary.
     """
     samples = list_samples(directory)
-    skipped = Skipped()
+    skipped = Skipped.of(samples)
     overall: dict[str, _Running] = {}
     split: dict[str, dict[str, _Running]] = {"correct": {}, "incorrect": {}}
     n_files = n_graded = n_correct = 0

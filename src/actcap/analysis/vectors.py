@@ -189,7 +189,7 @@ def load_vectors(
         UnknownNameError: When none of the requested sites is in the files.
     """
     refs = samples if samples is not None else list_samples(directory)
-    skipped = Skipped()
+    skipped = Skipped.of(refs)
     kept: list[SampleRef] = []
     wanted: list[str] | None = sites
     columns: _Columns | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,15 @@ def reports_errors(fn: F) -> F:
             raise click.ClickException(str(e)) from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line_warnings() -> None:
+    """Print warnings as ``Warning: message`` lines on stderr, without Python's source echo."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        click.echo(f"Warning: {message}", err=True)
+
+    warnings.showwarning = show  # type: ignore[assignment]
 
 
 def parse_layers(text: str | None) -> str | None:

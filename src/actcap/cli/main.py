@@ -6,6 +6,7 @@ import click
 
 from actcap import __version__
 from actcap.cli.analyze_cmd import analyze, export, lens, plot, probe, report
+from actcap.cli.common import one_line_warnings
 from actcap.cli.eval_cmd import eval_command
 from actcap.cli.generate import generate
 from actcap.cli.inspect_cmd import inspect_file
@@ -30,4 +31,5 @@ for command in (analyze, plot, probe, report, lens, export):
 
 def main() -> None:
     """Entry point of the ``actcap`` console script."""
+    one_line_warnings()
     cli()
