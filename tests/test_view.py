@@ -136,9 +136,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
     return build_view_runs(tmp_path_factory.mktemp("view-runs"), tiny_model_dir)
 
 
+def loaded(app: ViewApp) -> ViewApp:
+    """The app with its models loaded (token text waits for them; the lens too)."""
+    app.start_models()
+    for holder in app.holders:
+        if holder is not None:
+            holder.get()
+    return app
+
+
 @pytest.fixture(scope="module")
 def served(runs: tuple[Path, Path]) -> Iterator[Served]:
-    s = Served(make_app(list(runs)))
+    s = Served(loaded(make_app(list(runs))))
     yield s
     s.close()
 
@@ -220,6 +229,29 @@ def _last_vectors(run: Path, site: str) -> tuple[np.ndarray, np.ndarray]:
             rows.append(f.get(site)[-1].double().numpy())
         grades.append(e.correct)
     return np.stack(rows), np.array(grades, dtype=object)
+
+
+def test_run_wide_statistics_read_a_bounded_sample(runs):
+    from actcap.storage import ManifestEntry
+    from actcap.view.aggregate import bounded_sample
+
+    entries = [
+        ManifestEntry(f"q{i}", f"samples/q{i}.safetensors", {"correct": i % 10 == 0})
+        for i in range(100_000)
+    ]
+    picked = bounded_sample(entries, 300)
+    assert 290 <= len(picked) <= 310
+    assert sum(bool(e.correct) for e in picked) == 30  # each grade in its share
+    assert picked[0].id == "q0" and picked[-1].id == "q99999"  # spread over the whole run
+    assert bounded_sample(entries[:24], 300) == entries[:24]
+    s = Served(make_app([runs[0]], model=None, max_samples=10))
+    try:
+        n_right = sum(bool(e.correct) for e in open_run(runs[0]).entries)
+        profile = s.ok("/api/profile", run=0, stat="norm")
+        assert profile["n"] == n_right + 10 < N_QUESTIONS  # 10 wrong at least, every right one
+        assert len(s.ok("/api/similarity", run=0, layer="layer_0")["ids"]) == profile["n"]
+    finally:
+        s.close()
 
 
 def test_heatmap_and_profile_match_the_stored_activations(served, runs):

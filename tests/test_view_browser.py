@@ -25,6 +25,7 @@ from tests.test_view import (
     N_QUESTIONS,
     Served,
     build_view_runs,
+    loaded,
     make_app,
 )
 
@@ -73,9 +74,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tupl
 
 @pytest.fixture(scope="module")
 def site(runs: tuple[Path, Path]) -> Iterator[str]:
-    app = make_app(list(runs))
-    app.start_models()
-    s = Served(app)
+    s = Served(loaded(make_app(list(runs))))
     yield f"http://127.0.0.1:{s.port}/"
     s.close()
 

@@ -75,6 +75,16 @@ class ModelHolder:
                 "--model with a model folder, hub id or .gguf file, or --no-model."
             ) from e
 
+    def peek(self) -> LoadedModel | None:
+        """The model if it has loaded, else None at once (loading begins if it had not)."""
+        if self.spec is None:
+            return None
+        self.start()
+        future = self._future
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
+
     def status(self) -> dict[str, Any]:
         """``{"spec", "state", "message"}``: none, loading, ready or failed."""
         if self.spec is None:

@@ -66,12 +66,12 @@ def _token_rows(f: ActivationFile, sites: list[str]) -> tuple[int, list[int] | N
 
 
 def token_texts(ids: Sequence[int], holder: ModelHolder | None) -> list[str] | None:
-    """Each token id decoded alone with the run's tokenizer; None without a model."""
-    if holder is None or not ids:
-        return None
-    try:
-        lm = holder.get()
-    except ActcapError:
+    """Each token id decoded alone with the run's tokenizer (None: no model, or not yet loaded).
+
+    A model still loading is not waited for: the page asks again once it has loaded.
+    """
+    lm = holder.peek() if holder is not None and ids else None
+    if lm is None:
         return None
     return [str(t) for t in lm.tokenizer.batch_decode([[i] for i in ids])]
 

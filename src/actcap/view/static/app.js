@@ -97,14 +97,30 @@
   function scaleFor(values, kind, log) {
     const flat = [];
     for (const row of values) if (row) for (const v of row) if (v !== null) flat.push(log ? Math.log10(Math.max(v, 1e-6)) : v);
-    if (!flat.length) return { colour: () => "#ddd", lo: 0, hi: 0, stops: VIRIDIS };
-    let lo = Math.min(...flat), hi = Math.max(...flat);
-    if (kind === "diverging") { const m = Math.max(Math.abs(lo), Math.abs(hi)) || 1; lo = -m; hi = m; }
+    if (!flat.length) return { colour: () => "#ddd", lo: 0, hi: 0, stops: VIRIDIS, clipped: false };
+    // The colour range stops at three times the 90th percentile (of |value|, or above the
+    // minimum), so a few outliers (an attention sink's "massive activation") do not wash out
+    // every other cell; they show in the end colours.
+    const at = (xs, q) => xs[Math.min(xs.length - 1, Math.round(q * (xs.length - 1)))];
+    let lo, hi, clipped;
+    if (kind === "diverging") {
+      const mags = flat.map(Math.abs).sort((a, b) => a - b);
+      const top = mags[mags.length - 1];
+      const m = Math.min(top, 3 * at(mags, 0.9)) || top || 1;
+      lo = -m; hi = m; clipped = m < top;
+    } else {
+      flat.sort((a, b) => a - b);
+      lo = flat[0];
+      const top = flat[flat.length - 1];
+      hi = Math.min(top, lo + 3 * (at(flat, 0.9) - lo));
+      if (!(hi > lo)) hi = top;
+      clipped = hi < top;
+    }
     const span = hi - lo || 1;
     const stops = kind === "diverging" ? DIVERGING : VIRIDIS;
     return {
       colour: (v) => (v === null ? "#d0d0d0" : ramp(stops, ((log ? Math.log10(Math.max(v, 1e-6)) : v) - lo) / span)),
-      lo, hi, stops,
+      lo, hi, stops, clipped,
     };
   }
 
@@ -112,7 +128,9 @@
     const c = el("canvas", { width: 160, height: 10 });
     const ctx = c.getContext("2d");
     for (let i = 0; i < 160; i++) { ctx.fillStyle = ramp(scale.stops, i / 159); ctx.fillRect(i, 0, 1, 10); }
-    return el("div", { class: "legend" }, el("span", { text: fmt(scale.lo, 3) }), c, el("span", { text: fmt(scale.hi, 3) }), el("span", { text: label }));
+    const lo = (scale.clipped ? "\u2264 " : "") + fmt(scale.lo, 3), hi = (scale.clipped ? "\u2265 " : "") + fmt(scale.hi, 3);
+    return el("div", { class: "legend" }, el("span", { text: lo }), c, el("span", { text: hi }),
+      el("span", { text: label + (scale.clipped ? " (a few outlying cells take the end colours; hover for any value)" : "") }));
   }
 
   // ---- the grid (heatmap, similarity matrix) -------------------------------------------------
@@ -668,12 +686,15 @@
 
   // ---- start ---------------------------------------------------------------------------------
 
-  async function refreshModel() {
+  async function refreshModel(wasLoading) {
     try {
       const r = await api("/api/runs");
       const states = r.runs.map((x) => (x.model ? `${x.model.state}` : "off"));
       modelState.textContent = `model: ${states.join(" / ")}`;
-      if (states.includes("loading")) setTimeout(refreshModel, 2000);
+      const loading = states.includes("loading");
+      if (loading) setTimeout(() => refreshModel(true), 2000);
+      // Token text needs the model: show it once the model has loaded.
+      else if (wasLoading && ["question", "pair"].includes(parseRoute().view)) render();
     } catch (e) { modelState.textContent = ""; }
   }
 
@@ -688,7 +709,7 @@
       return;
     }
     window.addEventListener("hashchange", render);
-    refreshModel();
+    refreshModel(false);
     render();
   }
 
