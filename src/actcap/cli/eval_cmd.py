@@ -95,6 +95,30 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     help="demo, mmlu:PATH, gsm8k:PATH, truthfulqa:PATH, truthfulqa-gen:PATH, hf:NAME[:CONFIG[:SPLIT]], or a .jsonl/.json/.csv file.",
 )
 @click.option(
+    "--task",
+    default=None,
+    help="lm-evaluation-harness task(s), group(s) or tag(s), comma-separated, instead of "
+    "--benchmark: lm-eval's prompts, few-shot examples, filters and metrics "
+    "(pip install 'actcap[lm-eval]').",
+)
+@click.option(
+    "--tasks-path",
+    default=None,
+    type=click.Path(),
+    help="With --task: a folder of task YAMLs, searched before lm-eval's library.",
+)
+@click.option(
+    "--num-fewshot",
+    default=None,
+    type=click.IntRange(min=0),
+    help="With --task: few-shot examples (default: each task's own).",
+)
+@click.option(
+    "--apply-chat-template",
+    is_flag=True,
+    help="With --task: format prompts with the model's chat template (lm-eval's option).",
+)
+@click.option(
     "--out",
     "out",
     default=None,
@@ -183,6 +207,10 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @reports_errors
 def eval_command(**kw: Any) -> None:
     """Evaluate a model on a benchmark, capturing activations for every question."""
+    from actcap.cli.lm_eval_cmd import dispatch_task
+
+    if dispatch_task(kw):  # --task: lm-evaluation-harness tasks
+        return
     refuse_ray_options_without_ray(kw["use_ray"])
     out = kw["out"] or default_out(kw["benchmark"])
     try:

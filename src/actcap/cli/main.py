@@ -10,6 +10,7 @@ from actcap.cli.common import one_line_warnings
 from actcap.cli.eval_cmd import eval_command
 from actcap.cli.generate import generate
 from actcap.cli.inspect_cmd import inspect_file
+from actcap.cli.lm_eval_cmd import lm_eval_command
 from actcap.cli.verify_cmd import verify_command
 from actcap.cli.view_cmd import view_command
 
@@ -23,6 +24,7 @@ def cli() -> None:
 cli.add_command(generate)
 cli.add_command(inspect_file)
 cli.add_command(eval_command)
+cli.add_command(lm_eval_command)
 cli.add_command(verify_command)
 cli.add_command(view_command)
 for command in (analyze, plot, probe, report, lens, export):
