@@ -296,6 +296,47 @@ def test_direction_needs_right_and_wrong_answers(runs, tmp_path):
         s.close()
 
 
+def test_reduced_and_generated_runs(tmp_path, tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    mc = load_benchmark(f"mmlu:{DATA / 'mmlu' / 'test' / 'world_religions_test.csv'}").limited(3)
+    math = load_benchmark(f"gsm8k:{DATA / 'gsm8k' / 'test.jsonl'}").limited(1)
+    last, generated = tmp_path / "last", tmp_path / "generated"
+    spec = CaptureSpec(token_selection="last", dtype="float16")
+    run_benchmark(lm, mc, capture=spec, out=last, progress=False, verify=0)
+    run_benchmark(
+        lm,
+        math,
+        capture=CaptureSpec(capture_generated=True),
+        options=EvalOptions(max_new_tokens=4),
+        out=generated,
+        progress=False,
+        verify=0,
+    )
+    s = Served(loaded(make_app([last, generated])))
+    try:
+        sample_id = ids_of(last)[0]
+        d = s.ok("/api/sample", run=0, id=sample_id)
+        assert d["token_selection"] == "last" and [t["text"] for t in d["tokens"]] == ["last"]
+        h = s.ok("/api/heatmap", run=0, id=sample_id, stat="norm")
+        assert [len(v) for v in h["values"]] == [1, 1, 1, 1]
+        assert len(s.ok("/api/lens", run=0, id=sample_id, token=-1)["rows"]) == 4
+        sample_id = ids_of(generated)[0]
+        d = s.ok("/api/sample", run=1, id=sample_id)
+        with ActivationFile(open_run(generated).find(sample_id).source(generated)) as f:  # type: ignore[arg-type]
+            n_prompt, n_out = f.shape("input_ids")[-1], f.shape("output_ids")[-1]
+            rows = f.shape("layer_0")[0]
+            ids = (f.get("input_ids").tolist() + f.get("output_ids").tolist())[:rows]
+        assert n_out > 1 and n_prompt < rows <= n_prompt + n_out  # the answer's tokens too
+        assert [t["id"] for t in d["tokens"]] == ids and d["decoded"] is True
+        assert [t["generated"] for t in d["tokens"]] == [False] * n_prompt + [True] * (
+            rows - n_prompt
+        )
+        h = s.ok("/api/heatmap", run=1, id=sample_id, stat="norm")
+        assert {len(v) for v in h["values"]} == {rows}
+    finally:
+        s.close()
+
+
 def test_logit_lens_of_a_token(served, runs, tiny_model_dir):
     sample_id = ids_of(runs[0])[4]
     got = served.ok("/api/lens", run=0, id=sample_id, token=3)

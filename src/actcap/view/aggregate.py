@@ -96,10 +96,6 @@ class RunStats:
             sites = layer_sites(f.sites)
         return load_vectors(self.view.root, sites, "last", samples=refs)
 
-    def sites(self) -> list[str]:
-        """The residual sites of the sample, in network order."""
-        return self.vectors().sites
-
     def _grades(self) -> np.ndarray:
         return np.array([s.correct for s in self.vectors().samples], dtype=object)
 

@@ -160,10 +160,6 @@ class RunView:
             )
         return where
 
-    def captured(self) -> list[ManifestEntry]:
-        """The entries that have an activation file or shard slice."""
-        return [e for e in self.entries if e.file]
-
     def summary(self) -> dict[str, Any]:
         """What the run page shows above the table: accuracy, model, options, verification."""
         c = self.config

@@ -58,8 +58,10 @@ def _token_rows(f: ActivationFile, sites: list[str]) -> tuple[int, list[int] | N
         return 1, None, 0
     prompt, output = _ids(f, "input_ids"), _ids(f, "output_ids")
     n = shape[0]
-    if output and n == len(prompt) + len(output):
-        return n, prompt + output, len(prompt)
+    if output and len(prompt) < n <= len(prompt) + len(output):
+        # --capture-generated: the answer's tokens follow the prompt's; the last answer token,
+        # never read back by the model, usually has no activations.
+        return n, (prompt + output)[:n], len(prompt)
     if n == len(prompt):
         return n, prompt, n
     return n, None, n
