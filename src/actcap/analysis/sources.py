@@ -18,7 +18,7 @@ import numpy as np
 from actcap.errors import FormatError, NoActivationsError
 from actcap.storage.files import ActivationFile, check_metadata, parse_header, site_sort_key
 from actcap.storage.format import ID_TENSORS, SUFFIX, ShardSlice
-from actcap.storage.location import exists, is_url, join
+from actcap.storage.location import is_url
 from actcap.storage.run import RUN_FILE, RunInfo, open_run
 
 
@@ -266,12 +266,3 @@ def _file_arrays(
         names = f.sites
         wanted = names if sites is None else [s for s in sites if s in f.names]
         return names, {s: f.get(s).float().numpy() for s in wanted}
-
-
-def run_config(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``run.json`` and ``results.json`` of a run directory, or None for a loose folder."""
-    root: str | Path = os.fspath(directory) if is_url(directory) else Path(directory)
-    if not exists(join(os.fspath(root), RUN_FILE)):
-        return None
-    info = open_run(root)
-    return {"config": info.config, "results": info.results}
