@@ -411,3 +411,28 @@ def test_without_lm_eval_task_says_what_to_install(monkeypatch):
 
     with pytest.raises(MissingDependencyError, match=r"actcap\[lm-eval\]"):
         actcap.lm_eval.ActcapLM  # noqa: B018
+
+
+# --- our own sources read lm-eval's spellings ----------------------------------------------
+
+
+def test_our_sources_take_lm_eval_task_spellings(tmp_path):
+    from actcap.bench import load_benchmark
+    from actcap.errors import BenchmarkError
+
+    mmlu = load_benchmark("mmlu_world_religions:data/mmlu")
+    assert (
+        mmlu.questions == load_benchmark("mmlu:data/mmlu/test/world_religions_test.csv").questions
+    )
+    assert list(mmlu.few_shot) == ["world_religions"]
+    with pytest.raises(BenchmarkError, match="no astronomy_test.csv"):
+        load_benchmark("mmlu_astronomy:data/mmlu")
+    tqa = tmp_path / "tqa.csv"
+    tqa.write_text(
+        "Question,Best Answer,Correct Answers,Incorrect Answers\n"
+        "What colour is the sky?,Blue,Blue; Azure,Green; Red\n"
+    )
+    mc = load_benchmark(f"truthfulqa_mc1:{tqa}")
+    assert mc.questions[0].choices and mc.questions == load_benchmark(f"truthfulqa:{tqa}").questions
+    gen = load_benchmark(f"truthfulqa_gen:{tqa}")
+    assert not gen.questions[0].choices

@@ -367,12 +367,39 @@ def load_demo() -> Benchmark:
     return Benchmark("demo", questions, description="actcap's built-in demo set")
 
 
+LM_EVAL_SPELLINGS = {"truthfulqa_mc1": "truthfulqa", "truthfulqa_gen": "truthfulqa-gen"}
+"""lm-evaluation-harness task names read by a source of ours (also ``mmlu_<subject>``, ``gsm8k``)."""
+
+
+def _lm_eval_spelling(source: str, rest: str) -> tuple[str, str]:
+    """lm-eval's task names as our sources; other specs as they are.
+
+    ``mmlu_<subject>:DIR`` is that subject of an MMLU folder; ``truthfulqa_mc1:FILE`` and
+    ``truthfulqa_gen:FILE`` are ``truthfulqa`` and ``truthfulqa-gen``.
+
+    Raises:
+        BenchmarkError: When the MMLU folder has no such subject.
+    """
+    if source.startswith("mmlu_") and rest:
+        subject = source.removeprefix("mmlu_")
+        folder = Path(rest)
+        for f in (folder / "test" / f"{subject}_test.csv", folder / f"{subject}_test.csv"):
+            if f.is_file():
+                return "mmlu", str(f)
+        raise BenchmarkError(
+            f"{source}:{rest}: no {subject}_test.csv in {folder} or {folder / 'test'}. Give the "
+            "MMLU folder, or --task for lm-eval's own task of that name."
+        )
+    return LM_EVAL_SPELLINGS.get(source, source), rest
+
+
 def load_benchmark(spec: str, fields: Mapping[str, str] | None = None) -> Benchmark:
     """Load a benchmark from a spec such as ``demo``, ``mmlu:dir``, ``gsm8k:test.jsonl`` or ``data.csv``.
 
     Args:
         spec: ``SOURCE:PATH`` with SOURCE one of demo, jsonl, json, csv, mmlu, gsm8k, truthfulqa,
-            truthfulqa-gen, hf; or a bare path (the type is taken from its suffix).
+            truthfulqa-gen, hf, or lm-eval's spellings ``mmlu_<subject>:DIR``,
+            ``truthfulqa_mc1``, ``truthfulqa_gen``; or a bare path (the type from its suffix).
         fields: Column names for generic files.
 
     Raises:
@@ -384,6 +411,7 @@ def load_benchmark(spec: str, fields: Mapping[str, str] | None = None) -> Benchm
     source, sep, rest = spec.partition(":")
     if not sep or (len(source) == 1 and source.isalpha()):  # a bare path (or a Windows drive)
         source, rest = "file", spec
+    source, rest = _lm_eval_spelling(source, rest)
     loaders: dict[str, Callable[[str], Benchmark]] = {
         "file": lambda r: load_generic(r, fields, spec),
         "jsonl": lambda r: load_generic(r, fields, spec),

@@ -309,8 +309,17 @@ def score_contexts(
         if len(c) > 1
     ]
     if longer:
-        _score_rest(lm, state, longer, out, batch_rows=len(contexts))
+        _score_rest(lm, state, longer, out, _rows_per_pass(len(contexts), state.mask.shape[1]))
     return out
+
+
+def _rows_per_pass(n_contexts: int, width: int) -> int:
+    """Continuation rows per pass: up to four per context while the contexts are short.
+
+    Each row holds its context's cache, so rows times cache width stays near what the context
+    pass held (at most four times, for contexts under 256 tokens).
+    """
+    return max(n_contexts, min(4 * n_contexts, n_contexts * 1024 // max(width, 1)))
 
 
 def _score_rest(
@@ -322,8 +331,7 @@ def _score_rest(
 ) -> None:
     """Add the log-probabilities of the tokens after the first, on the contexts' cache.
 
-    Rows go in groups of ``batch_rows`` (the contexts' own batch), so the cache never holds more
-    rows than the context pass did.
+    Rows go in groups of ``batch_rows``, each with its context's cache.
     """
     device = lm.device
     key = _cache_key(lm.model)
