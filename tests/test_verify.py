@@ -112,11 +112,24 @@ def test_a_url_run_verifies_and_records(tiny_lm):
 
 
 def test_default_count_and_tolerances():
-    assert [default_count(n) for n in (0, 1, 42, 100, 101, 799, 14_042)] == [0, 1, 1, 1, 2, 8, 8]
+    assert [default_count(n) for n in (0, 1, 42, 200, 201, 1600, 14_042)] == [0, 1, 1, 1, 2, 8, 8]
     f32, _ = tolerance_for(torch.float32, torch.float32)
     bf16_store, _ = tolerance_for(torch.float32, torch.bfloat16)
     bf16, answer = tolerance_for(torch.bfloat16, torch.bfloat16)
     assert f32 < bf16_store < bf16 and answer > tolerance_for(torch.float32, torch.float32)[1]
+
+
+def test_tolerance_follows_the_runs_compute_precision(tiny_lm):
+    from actcap.bench.verify import run_setup
+
+    config = {"capture": {"dtype": "float32"}, "compute": {"dtype": "float32"}}
+    assert run_setup(config, tiny_lm).compute == torch.float32
+    config["compute"]["matmul_precision"] = "medium"  # float32 matmuls in bfloat16
+    assert run_setup(config, tiny_lm).compute == torch.bfloat16
+    config["compute"] = {"dtype": "float16", "matmul_precision": "highest"}
+    assert run_setup(config, tiny_lm).compute == torch.float16
+    config["compute"] = {"dtype": "int3"}  # unreadable: the verifying model's own
+    assert run_setup(config, tiny_lm).compute == torch.float32
 
 
 def tamper(path, site, scale=1e-2):
@@ -253,3 +266,18 @@ def test_cli_eval_verify_and_verify_command(tiny_model_dir, tmp_path):
     r = CliRunner().invoke(cli, ["verify", str(out), "--samples", "nope"])
     assert r.exit_code == 1 and "no activations for sample(s) nope" in r.output
     assert "Traceback" not in r.output
+
+
+def test_report_shows_the_verdict_red_when_it_failed(tiny_lm, tmp_path):
+    from actcap.analysis import build_report
+
+    out = tmp_path / "run"
+    evaluate(tiny_lm, out, capture=CaptureSpec(layers=[0, 1]), n=4, verify=2)
+    page = build_report(out, tmp_path / "ok.html").read_text()
+    assert "<p class='ok' id='verification'>Verification passed: 2 of 4 samples" in page
+    entry = open_run(out).entries[0]
+    tamper(out / entry.file, "layer_1")
+    record_verification(out, verify_run(out, tiny_lm, sample_ids=[entry.id]).to_json())
+    page = build_report(out, tmp_path / "bad.html").read_text()
+    assert "<p class='bad' id='verification'>Verification FAILED: 1 of 4 samples" in page
+    assert "layer_1: relative difference" in page

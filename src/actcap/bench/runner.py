@@ -25,7 +25,7 @@ from actcap.bench.questions import Benchmark, Question
 from actcap.bench.scoring import Answer, ChoiceFormat, answer_generate, answer_loglik
 from actcap.bench.verify import (
     VerificationWarning,
-    model_dtype,
+    compute_record,
     nonfinite_message,
     nonfinite_summary,
     verify_after_run,
@@ -308,7 +308,7 @@ def run_config(
         "storage": storage,
         "started": utc_now(),
         "versions": versions(),
-        "compute": {"dtype": str(model_dtype(lm)).removeprefix("torch."), "device": str(lm.device)},
+        "compute": compute_record(lm),
     }
 
 
@@ -402,7 +402,7 @@ def run_benchmark(
         shard_bytes: Size at which a shard is closed and the next begun.
         verify: Once finished, re-check this many random samples, read back from the run,
             against the model run on each prompt alone (``results.json["verification"]``, a
-            :class:`~actcap.bench.verify.VerificationWarning` when it fails); None: 1% of the
+            :class:`~actcap.bench.verify.VerificationWarning` when it fails); None: 0.5% of the
             samples, at least 1 and at most 8; 0: off. Needs ``out`` and ``capture``.
 
     Returns:

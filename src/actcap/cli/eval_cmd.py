@@ -200,7 +200,7 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     default=None,
     type=click.IntRange(min=0),
     help="Once finished, re-check N random samples against the model run on each prompt alone "
-    "(results.json 'verification'; a failure is a red WARNING)  [default: 1% of the samples, "
+    "(results.json 'verification'; a failure is a red WARNING)  [default: 0.5% of the samples, "
     "1 to 8; with --ray: 0; 0: off].",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")

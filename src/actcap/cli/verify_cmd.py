@@ -19,7 +19,7 @@ from actcap.cli.common import device_option, reports_errors
     "n",
     default=None,
     type=click.IntRange(min=1),
-    help="Samples to re-check, chosen at random  [default: 1% of the run, at least 1, at most 8].",
+    help="Samples to re-check, chosen at random  [default: 0.5% of the run, at least 1, at most 8].",
 )
 @click.option(
     "--samples",
