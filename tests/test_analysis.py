@@ -213,6 +213,26 @@ def test_pictures(run_dir, tmp_path):
     )
 
 
+def test_pictures_replace_a_link_at_their_name_never_its_target(run_dir, tmp_path):
+    """A symlink at a picture's name is replaced by the picture; the file it led to is untouched."""
+    out = tmp_path / "plots"
+    out.mkdir()
+    names = ["histogram.png", "similarity.png", "pca.png", "norm_by_layer.png"]
+    victims = {}
+    for name in names:
+        victim = tmp_path / f"victim-{name}.txt"
+        victim.write_text("keep me")
+        (out / name).symlink_to(victim)
+        victims[name] = victim
+    figs = make_figures(run_dir, out)
+    assert {"histogram.png", "similarity.png", "pca.png"} <= {f.path.name for f in figs.figures}
+    for name, victim in victims.items():
+        assert victim.read_text() == "keep me"
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_pca_scatter_coordinates(tmp_path):
     x = np.random.default_rng(1).normal(size=(10, 6)).astype(np.float32)
     fig = plots.pca_scatter(x, [True] * 5 + [False] * 5, "layer_3", tmp_path / "p.png")

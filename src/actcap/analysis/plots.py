@@ -7,6 +7,7 @@ so a caller (or a test) can check that the picture shows the data.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
 from actcap.analysis.vectors import spread
 from actcap.errors import require
-from actcap.storage.files import ActivationFile, site_sort_key
+from actcap.storage.files import ActivationFile, atomic_write_bytes, site_sort_key
 from actcap.storage.format import SampleSource, ShardSlice
 
 DPI = 100
@@ -80,13 +81,21 @@ def _stem(file: SampleSource) -> str:
 
 
 def _save(fig: Any, path: str | os.PathLike[str], title: str, data: dict[str, Any]) -> Figure:
+    """Render ``fig`` to PNG and write it atomically at ``path``.
+
+    The picture goes to a new temporary file beside ``path`` and is renamed over it, so a
+    symlink at ``path`` is replaced by the picture, never followed (its target is untouched).
+    """
     plt = _pyplot()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(out, png.getvalue())
     return Figure(out, title, data)
 
 
