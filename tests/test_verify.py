@@ -157,6 +157,9 @@ def test_altered_activations_fail(tiny_lm, tmp_path):
     assert verify_run(out, tiny_lm, sample_ids=others).passed is True
     with pytest.raises(UnknownNameError, match="no-such-id"):
         verify_run(out, tiny_lm, sample_ids=["no-such-id"])
+    (out / open_run(out).entries[3].file).write_bytes(b"not a safetensors file")
+    v = verify_run(out, tiny_lm, sample_ids=[open_run(out).entries[3].id])
+    assert v.passed is False and "unreadable" in v.problems[0]
 
 
 def positions_over_padding(mask):

@@ -638,7 +638,10 @@ def verify_run(
         },
     )
     for entry, source in picked:
-        check = check_sample(lm, entry, source, setup, site_tol, answer_tol)
+        try:
+            check = check_sample(lm, entry, source, setup, site_tol, answer_tol)
+        except FormatError as e:  # what the run stored cannot be read back: that fails too
+            check = SampleCheck(entry.id, [], "n/a", f"unreadable: {e}", ok=False)
         result.samples.append(check)
         for s in check.sites:
             agg = result.sites.setdefault(s.site, {"max_abs": 0.0, "max_rel": 0.0})
@@ -665,6 +668,8 @@ def _problems(result: Verification, info: RunInfo, setup: RunSetup) -> list[str]
                 out.append(f"sample {s.id!r} site {c.site}: {why}.")
         if s.answer == "mismatch":
             out.append(f"sample {s.id!r}: answer differs when re-run alone ({s.answer_detail}).")
+        elif not s.ok and not s.sites:
+            out.append(f"sample {s.id!r}: {s.answer_detail}")
     summary = nonfinite_summary([e.record for e in info.entries])
     if summary is not None:
         out.append(nonfinite_message(summary, str(setup.storage).removeprefix("torch.")))
