@@ -129,3 +129,46 @@ def test_results_that_are_not_an_object(tmp_path):
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
         assert r.output.startswith("Error: ") and "results.json" in r.output
         assert len(r.output.strip().splitlines()) == 1
+
+
+HOSTILE_CHECKS = [
+    {"nonfinite": {"values": 1, "sites": 5}},
+    {"nonfinite": {"values": "<b>x</b>", "sites": "layer_0"}},
+    {"nonfinite": [1, 2]},
+    {"nonfinite": "all"},
+    {"nonfinite": {"values": 10**400, "sites": {"a": 1}}},
+    {"verification": {"passed": True, "sites": 5, "n_checked": [1], "tolerance": "x"}},
+    {"verification": {"passed": False, "sites": {"a": {"max_rel": 10**400}}, "problems": 3}},
+    {"verification": {"passed": "yes", "sites": {"a": [1], "b": {"max_rel": "big"}}}},
+    {"verification": {"passed": True, "sites": {"a": {"max_rel": 1}, "b": {"max_rel": 0.5}}}},
+    {"verification": [1], "per_category": 5},
+    {"per_category": {"a": [1], "b": {"accuracy": 10**400, "n": {"x": 1}}}},
+    {"accuracy": 10**400, "n": None},
+    {"accuracy": [[[[1]]]] * 100},
+]
+"""results.json's optional fields in shapes actcap never writes (one crashed the report)."""
+
+
+@pytest.mark.parametrize("results", HOSTILE_CHECKS)
+def test_unexpected_shapes_of_optional_results_show_as_unknown(results):
+    from actcap.analysis.report import _checks_html, _results_html
+
+    page = "".join([*_results_html(results), *_checks_html(results)])
+    assert "<b>" not in page  # still escaped
+    if isinstance(results.get("nonfinite"), dict):
+        assert "id='nonfinite'" in page and "inf/nan" in page
+    elif "nonfinite" in results:
+        assert "unknown" in page
+    if results.get("accuracy", 0) != 0:
+        assert "id='accuracy'>unknown</span>" in page and len(page) < 2_000
+
+
+def test_report_on_a_nonfinite_field_of_odd_shape(tmp_path):
+    """The reviewer's case: ``"nonfinite": {"values": 1, "sites": 5}`` was a TypeError traceback."""
+    run = hostile_run(tmp_path / "run")
+    results = {**RESULTS, "accuracy": 0.5, "nonfinite": {"values": 1, "sites": 5}}
+    (run / "results.json").write_text(json.dumps(results))
+    r = CliRunner().invoke(cli, ["report", str(run), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    assert "1 activation values were stored as inf/nan" in page and "sites: unknown" in page

@@ -73,9 +73,29 @@ def _e(value: Any) -> str:
 
 def _number(value: Any, digits: int = 3) -> str | None:
     """A finite number formatted, or None for anything else (a string, a bool, NaN, a list)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return f"{value:.{digits}f}"
+    try:
+        number = float(value)  # an int too large for a float raises OverflowError
+    except OverflowError:
+        return None
+    return f"{number:.{digits}f}" if math.isfinite(number) else None
+
+
+def _count(value: Any) -> str:
+    """A count (a non-negative int) as text, or ``unknown`` for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return "unknown"
+    return f"{value:,}"
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value from a file may be huge or deep)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _grade(correct: Any) -> tuple[str, str]:
@@ -103,7 +123,7 @@ def _results_html(results: Any) -> list[str]:
     ]
     if accuracy is None:
         parts.append(
-            f"<p class='note'>results.json: accuracy is {_e(repr(results.get('accuracy')))}, "
+            f"<p class='note'>results.json: accuracy is {_e(_brief(results.get('accuracy')))}, "
             "not a number.</p>"
         )
     per_category = results.get("per_category")
@@ -205,36 +225,60 @@ def _samples_html(records: list[dict[str, Any]], max_rows: int) -> list[str]:
     return parts
 
 
+def _nonfinite_html(bad: Any) -> list[str]:
+    """The warning for values the storage dtype could not hold; any odd field shows as unknown."""
+    if bad is None or bad == {}:
+        return []
+    if not isinstance(bad, dict):
+        return [
+            "<p class='note' id='nonfinite'>results.json: nonfinite is not an object; whether "
+            "activation values were stored as inf/nan is unknown.</p>"
+        ]
+    sites = bad.get("sites")
+    if isinstance(sites, dict | list) and sites:
+        names = ", ".join(str(x) for x in sites)
+    else:
+        names = "unknown"
+    return [
+        f"<p class='bad' id='nonfinite'>{_count(bad.get('values'))} activation values were "
+        f"stored as inf/nan (the storage dtype cannot hold them; sites: {_e(names)}). "
+        "Re-run with --dtype bfloat16.</p>"
+    ]
+
+
+def _worst_site(sites: Any) -> str:
+    """``, largest relative difference X at SITE`` over the verified sites, or ``""``."""
+    if not isinstance(sites, dict):
+        return ""
+    rels = [
+        (float(d["max_rel"]), str(s))
+        for s, d in sites.items()
+        if isinstance(d, dict) and _number(d.get("max_rel")) is not None
+    ]
+    worst = max(rels, default=None)
+    return f", largest relative difference {worst[0]:.2e} at {worst[1]}" if worst else ""
+
+
 def _checks_html(results: Any) -> list[str]:
     """The verification verdict and the values the storage dtype could not hold; red on failure.
 
-    Both come from ``results.json`` (``--verify``, ``actcap verify``; ``nonfinite``).
+    Both come from ``results.json`` (``--verify``, ``actcap verify``; ``nonfinite``). Fields of
+    an unexpected type show as unknown.
     """
     if not isinstance(results, dict):
         return []
-    parts = []
-    bad = results.get("nonfinite")
-    if isinstance(bad, dict) and bad:
-        parts.append(
-            f"<p class='bad' id='nonfinite'>{_e(bad.get('values'))} activation values were stored "
-            f"as inf/nan (the storage dtype cannot hold them; sites: "
-            f"{_e(', '.join(map(str, bad.get('sites') or {})))}). Re-run with --dtype bfloat16.</p>"
-        )
+    parts = _nonfinite_html(results.get("nonfinite"))
     v = results.get("verification")
     if not isinstance(v, dict):
         return [*parts, "<p class='note' id='verification'>Not verified (actcap verify RUN).</p>"]
-    sites = v.get("sites")
-    sites = sites if isinstance(sites, dict) else {}
-    rels = [(d.get("max_rel"), s) for s, d in sites.items() if isinstance(d, dict)]
-    rels = [(r, s) for r, s in rels if _number(r) is not None]
-    worst = max(rels, default=None)
-    worst_text = f", largest relative difference {worst[0]:.2e} at {worst[1]}" if worst else ""
     tol = _number(v.get("tolerance"), 6)
     passed = v.get("passed")
     head = "passed" if passed is True else "FAILED" if passed is False else "not run"
+    checked = _count(v.get("n_checked", 0))
+    total = _count(v.get("n_samples")) if "n_samples" in v else "?"
     text = (
-        f"Verification {head}: {v.get('n_checked', 0)} of {v.get('n_samples', '?')} samples "
-        f"re-checked alone{worst_text}{f' (tolerance {tol})' if tol else ''}."
+        f"Verification {head}: {checked} of {total} samples re-checked alone"
+        f"{_worst_site(v.get('sites'))}{f' (tolerance {tol})' if tol else ''}."
     )
     raw = v.get("problems")
     problems: list[Any] = raw if isinstance(raw, list) and passed is False else []
