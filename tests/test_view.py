@@ -639,3 +639,89 @@ def test_static_files_ship_in_the_wheel_with_the_vendored_licence():
     assert digest in vendor and "4.6.1" in vendor
     assert (static / "chart.umd.js").read_text().startswith("/*!\n * Chart.js v4.6.1")
     assert "MIT" in (static / "chart.js.LICENSE.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/api/summary?run=%C2%B2",  # '²': str.isdigit() says yes, int() says no (was a 500)
+        "/api/summary?run=%D9%A3",  # an Arabic-Indic three: int() would take it
+        "/api/summary?run=" + "9" * 5000,  # beyond int()'s digit limit
+        "/api/samples?run=0&offset=%C2%B2",
+        "/api/samples?run=0&limit=1_0",
+        "/api/samples?run=0&offset=%203",
+        "/api/lens?run=0&id=x&token=%EF%BC%91",  # a full-width one
+    ],
+)
+def test_numeric_parameters_take_ascii_digits_only(served, query):
+    status, body, _ = served.raw(query)
+    assert status == 400, (query, status, body[:200])
+    assert "Traceback" not in body.decode() and "error" in json.loads(body)
+
+
+def test_a_bug_is_a_500_without_a_traceback(served, monkeypatch, capfd):
+    def broken(params: dict[str, str]) -> dict[str, Any]:
+        raise RuntimeError("secret detail at /home/someone/x")
+
+    monkeypatch.setitem(served.server.app.routes, "/api/runs", broken)
+    status, body, _ = served.raw("/api/runs")
+    assert status == 500
+    data = json.loads(body)
+    assert "internal error" in data["error"] and "secret" not in data["error"]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "RuntimeError" in err
+
+
+def test_results_of_the_wrong_types_are_sent_as_null(runs, tmp_path):
+    """``"accuracy": "x"`` broke the run page (``toFixed is not a function``): numbers or null."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "accuracy": "x",
+                "n": "8",
+                "n_correct": [1],
+                "wall_seconds": "slow",
+                "per_category": {"a": "x", "b": {"accuracy": "y", "n": {"k": 1}}, "c": None},
+                "verification": {"passed": "yes", "n_checked": "1", "tolerance": [1]},
+            }
+        )
+    )
+    (run / "run.json").write_text(
+        json.dumps({**json.loads((run / "run.json").read_text()), "sites": "layer_0"})
+    )
+    status, s = make_app([run], model=None).answer("/api/summary", {"run": "0"})
+    assert status == 200
+    blank = {"accuracy": None, "n": None, "n_correct": None}
+    assert s["score"] == {**blank, "per_category": {"a": blank, "b": blank, "c": blank}}
+    assert s["wall_seconds"] is None and s["sites"] == []
+    assert s["verification"] == {
+        "passed": None,
+        "n_checked": None,
+        "n_samples": None,
+        "tolerance": None,
+        "problems": [],
+    }
+    app = (REPO / "src" / "actcap" / "view" / "static" / "app.js").read_text()
+    assert 'typeof score.accuracy === "number" ? score.accuracy.toFixed(3) : "unknown"' in app
+
+
+def test_a_link_out_of_the_run_is_not_named(runs, tmp_path):
+    """An error names the link inside the run, never where it leads outside."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    line = json.loads((run / "manifest.jsonl").read_text().splitlines()[3])
+    outside = tmp_path / "elsewhere" / "private"
+    outside.mkdir(parents=True)
+    shutil.move(run / line["file"], outside / "secret.safetensors")
+    (run / line["file"]).symlink_to(outside / "secret.safetensors")
+    s = Served(make_app([run], model=None))
+    try:
+        for path in ("/api/heatmap", "/api/sample"):
+            status, body, _ = s.raw(f"{path}?run=0&id={line['id']}")
+            text = body.decode()
+            assert status == 422 and "leads out of the run" in text, text
+            assert "elsewhere" not in text and "secret.safetensors" not in text
+    finally:
+        s.close()

@@ -7,6 +7,7 @@ path. Sample ids are looked up in the manifest, never used as paths.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -166,7 +167,7 @@ class RunView:
         results = self.info.results or {}
         score = accuracy_of(self.entries)
         if isinstance(results.get("per_category"), dict) and "accuracy" in results:
-            score = {k: results.get(k) for k in ("accuracy", "n", "n_correct", "per_category")}
+            score = score_of(results)
         categories = Counter(text_of(e.record.get("category")) for e in self.entries)
         return {
             "label": self.label,
@@ -184,11 +185,13 @@ class RunView:
             "options": c.get("options"),
             "compute": c.get("compute"),
             "versions": c.get("versions"),
-            "sites": c.get("sites") or [],
+            "sites": [text_of(x) for x in sites]
+            if isinstance(sites := c.get("sites"), list)
+            else [],
             "score": score,
             "categories": sorted(k for k in categories if k),
             "verification": verification_of(results.get("verification")),
-            "wall_seconds": results.get("wall_seconds"),
+            "wall_seconds": number_or_none(results.get("wall_seconds")),
         }
 
     def page(self, query: Query, offset: int, limit: int) -> dict[str, Any]:
@@ -262,16 +265,52 @@ def _selects(query: Query, e: ManifestEntry) -> bool:
     return True
 
 
+def number_or_none(value: Any) -> float | int | None:
+    """A finite number from a file, or None for anything else (text, a list, NaN, a huge int)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int beyond a float
+        return None
+
+
+def count_or_none(value: Any) -> int | None:
+    """A non-negative int from a file, or None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else None
+
+
+def score_of(results: dict[str, Any]) -> dict[str, Any]:
+    """``results.json``'s accuracy, counts and per-category rows: numbers or None, never text."""
+    per = results.get("per_category")
+    rows = {}
+    for cat, row in per.items() if isinstance(per, dict) else []:
+        row = row if isinstance(row, dict) else {}
+        rows[text_of(cat)] = {
+            "accuracy": number_or_none(row.get("accuracy")),
+            "n": count_or_none(row.get("n")),
+            "n_correct": count_or_none(row.get("n_correct")),
+        }
+    return {
+        "accuracy": number_or_none(results.get("accuracy")),
+        "n": count_or_none(results.get("n")),
+        "n_correct": count_or_none(results.get("n_correct")),
+        "per_category": rows,
+    }
+
+
 def verification_of(data: Any) -> dict[str, Any] | None:
     """The verdict of ``results.json["verification"]``, in brief (None when there is none)."""
     if not isinstance(data, dict):
         return None
     problems = data.get("problems") or []
+    passed = data.get("passed")
     return {
-        "passed": data.get("passed"),
-        "n_checked": data.get("n_checked"),
-        "n_samples": data.get("n_samples"),
-        "tolerance": data.get("tolerance"),
+        "passed": passed if isinstance(passed, bool) else None,
+        "n_checked": count_or_none(data.get("n_checked")),
+        "n_samples": count_or_none(data.get("n_samples")),
+        "tolerance": number_or_none(data.get("tolerance")),
         "problems": [text_of(p) for p in problems[:10]] if isinstance(problems, list) else [],
     }
 

@@ -10,13 +10,14 @@ scripts and styles.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
 import math
+import re
 import socket
 import sys
-import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -122,7 +123,9 @@ class ViewApp:
 
     def _index(self, params: dict[str, str]) -> int:
         text = params.get("run", "0")
-        if not text.isdigit() or int(text) >= len(self.runs):
+        if not re.fullmatch(r"[0-9]{1,9}", text):
+            raise BadRequest(f"parameter 'run' must be a run's index (0 to {len(self.runs) - 1}).")
+        if int(text) >= len(self.runs):
             raise UnknownNameError(f"no run {text!r}; runs: 0 to {len(self.runs) - 1}.")
         return int(text)
 
@@ -270,10 +273,9 @@ def _int(params: dict[str, str], name: str, default: int, allow_negative: bool =
     text = params.get(name)
     if text is None or text == "":
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(f"parameter {name!r} must be a whole number, not {text!r}.") from None
+    if not re.fullmatch(r"-?[0-9]{1,18}", text):  # ASCII digits only: int() takes '٣', ' 3', '1_0'
+        raise BadRequest(f"parameter {name!r} must be a whole number, not {text[:40]!r}.")
+    value = int(text)
     if value < 0 and not allow_negative:
         raise BadRequest(f"parameter {name!r} must not be negative.")
     return value
@@ -334,6 +336,19 @@ class ViewHandler(BaseHTTPRequestHandler):
         """Quiet: the terminal shows the address, not every request."""
 
     def _answer(self, body: bool) -> None:
+        try:
+            self._route(body)
+        except Exception as e:  # a bug: one line on the terminal, no traceback to the client
+            print(
+                f"actcap view: internal error answering {self.path[:200]!r}: "
+                f"{type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
+            error = {"error": "internal error; the terminal running actcap view says more."}
+            with contextlib.suppress(OSError):  # the client may have gone
+                self._send(500, "application/json", _json(error), body)
+
+    def _route(self, body: bool) -> None:
         if not self._host_allowed():
             error = {"error": "this server answers only to localhost."}
             self._send(403, "application/json", _json(error), body)
@@ -345,11 +360,7 @@ class ViewHandler(BaseHTTPRequestHandler):
             self._send(200, kind, self.server.static[name], body)
             return
         params = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        try:
-            status, data = self.server.app.answer(split.path, params)
-        except Exception as e:  # a bug: say so, keep serving
-            traceback.print_exc(file=sys.stderr)
-            status, data = 500, {"error": f"internal error ({type(e).__name__}: {e})"}
+        status, data = self.server.app.answer(split.path, params)
         self._send(status, "application/json", _json(data), body)
 
     def _host_allowed(self) -> bool:

@@ -49,7 +49,7 @@
     return Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(2) : x.toFixed(d).replace(/\.?0+$/, "") || "0";
   }
 
-  function pct(x) { return x === null || x === undefined ? "\u2013" : (100 * x).toFixed(1) + "%"; }
+  function pct(x) { return typeof x === "number" ? (100 * x).toFixed(1) + "%" : "unknown"; }
 
   function gradeBadge(correct) {
     if (correct === true) return el("span", { class: "badge right", text: "right" });
@@ -248,7 +248,7 @@
     }
     const overview = el("div", { class: "card" },
       el("div", { class: "note", text: "accuracy" }),
-      el("div", { class: "big", id: "accuracy", text: score.accuracy === null || score.accuracy === undefined ? "\u2013" : score.accuracy.toFixed(3) }),
+      el("div", { class: "big", id: "accuracy", text: typeof score.accuracy === "number" ? score.accuracy.toFixed(3) : "unknown" }),
       el("div", { class: "note", text: `${score.n_correct ?? 0} right of ${score.n ?? 0} graded; ${s.n_samples} questions, ${s.n_captured} with activations` + (s.finished ? "" : " (unfinished: no results.json)") }));
     const about = el("div", { class: "card" }, el("dl", { class: "kv" },
       el("dt", { text: "model" }), el("dd", { text: s.model ?? "\u2013" }),
@@ -268,7 +268,7 @@
     if (cats.length > 1) {
       const body = el("tbody");
       for (const [name, c] of cats) {
-        body.append(el("tr", {}, el("td", { text: name }), el("td", { class: "num", text: `${c.n_correct}/${c.n}` }),
+        body.append(el("tr", {}, el("td", { text: name }), el("td", { class: "num", text: `${c.n_correct ?? "?"}/${c.n ?? "?"}` }),
           el("td", { class: "num", text: pct(c.accuracy) }),
           el("td", { style: "width:40%" }, el("div", { class: "bar", style: `width:${Math.round(100 * (c.accuracy || 0))}%` }))));
       }
