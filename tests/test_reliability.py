@@ -160,16 +160,17 @@ def test_second_eval_process_is_refused_while_first_runs(tiny_model_dir, tmp_pat
 
 
 def fail_after(n_ok):
+    """A stand-in for ``write_all`` (every file of a run): the disk fills after ``n_ok`` files."""
     calls = {"n": 0}
-    from safetensors.torch import save_file as real
+    from actcap.storage.safety import write_all as real
 
-    def save_file(*args, **kwargs):
+    def write_all(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > n_ok:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    return save_file
+    return write_all
 
 
 @pytest.mark.parametrize("background", [True, False])
@@ -177,7 +178,8 @@ def test_disk_full_mid_run_then_resume(tiny_lm, tmp_path, monkeypatch, backgroun
     bench = load_benchmark("demo").limited(8)
     opts = EvalOptions(batch_size=2, max_new_tokens=3, background_write=background)
     out = tmp_path / "run"
-    monkeypatch.setattr("actcap.storage.files.save_file", fail_after(3))
+    # run.json, then three samples
+    monkeypatch.setattr("actcap.storage.safety.write_all", fail_after(4))
     with pytest.raises(RunError, match=r"No space left on device.*--resume"):
         run_benchmark(tiny_lm, bench, capture=CaptureSpec(), options=opts, out=out, progress=False)
     info = open_run(out)

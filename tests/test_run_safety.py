@@ -101,7 +101,8 @@ def test_cleanup_removes_only_actcap_leftovers(tmp_path):
     (run / "shards").mkdir()
     (run / "shards" / "0123456789ab-00000.shard").write_bytes(b"orphan shard")
     (run / "shards" / "mine.shard").write_bytes(b"not actcap's name")
-    (run / ".results.json.zz99zz99.tmp").write_text("{")
+    (run / ".results.json.0a1b2c3d.tmp").write_text("{")  # actcap's exact temp form
+    (run / ".run.json.mine.tmp").write_text("another tool's")
     (run / "user.txt").write_text("keep")
     RunWriter.open(run, {"model": "m"}, resume=True).close()
     assert sorted(p.name for p in samples.iterdir()) == [
@@ -111,7 +112,8 @@ def test_cleanup_removes_only_actcap_leftovers(tmp_path):
         "notes.txt",
     ]
     assert [p.name for p in (run / "shards").iterdir()] == ["mine.shard"]
-    assert not (run / ".results.json.zz99zz99.tmp").exists() and (run / "user.txt").exists()
+    assert not (run / ".results.json.0a1b2c3d.tmp").exists() and (run / "user.txt").exists()
+    assert (run / ".run.json.mine.tmp").read_text() == "another tool's"
     assert load_activations(outside)["prompt"] == "outside"
 
 
@@ -482,3 +484,45 @@ def test_url_resume_redoes_samples_of_a_missing_shard(tiny_lm):
     finally:
         if fs.exists("/actcap-safety-test"):
             fs.rm("/actcap-safety-test", recursive=True)
+
+
+# -- review of issue #11: writes go through the writer's folder descriptors --
+
+
+def test_a_samples_folder_swapped_for_a_link_mid_run_gets_nothing(tmp_path):
+    """The reviewer's race: samples/ renamed away and a link put in its place after sample a."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.safetensors").write_text("precious victim data")
+    run = tmp_path / "run"
+    with RunWriter.open(run, {"model": "m"}) as w:
+        w.write_sample("a", {}, acts(1), SampleMeta("a"))
+        os.rename(run / "samples", run / "samples.real")
+        (run / "samples").symlink_to(elsewhere, target_is_directory=True)
+        w.write_sample("b", {}, acts(2), SampleMeta("b"))
+    assert os.listdir(elsewhere) == ["b.safetensors"]
+    assert (elsewhere / "b.safetensors").read_text() == "precious victim data"
+    assert sorted(os.listdir(run / "samples.real")) == ["a.safetensors", "b.safetensors"]
+
+
+def test_a_run_folder_moved_mid_run_keeps_every_write(tmp_path):
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    with RunWriter.open(run, {"model": "m"}) as w:
+        w.write_sample("a", {}, acts(1), SampleMeta("a"))
+        os.rename(run, moved)
+        w.write_sample("b", {}, acts(2), SampleMeta("b"))
+        w.write_results({"accuracy": 1.0})
+    assert not run.exists()  # no new folder of the same name
+    assert sorted(os.listdir(moved / "samples")) == ["a.safetensors", "b.safetensors"]
+    assert [line["id"] for line in manifest_lines(moved)] == ["a", "b"]
+    assert (moved / "results.json").is_file()
+
+
+def test_sample_files_written_through_descriptors_read_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    run = make_run(tmp_path / "run", ["a"])
+    with safe_open(str(run / "samples" / "a.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("layer_0"), acts(0.0)["layer_0"])
+        assert f.metadata()["format"] == "actcap"
+    assert load_activations(run, sample_id="a")["prompt"] == "a"

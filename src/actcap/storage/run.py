@@ -45,12 +45,9 @@ from torch import Tensor
 
 from actcap.errors import FormatError, RunError, UnknownNameError
 from actcap.storage.files import (
-    atomic_write_bytes,
     encode_sample,
-    fsync_dir,
     parse_header,
     read_header,
-    save_activations,
 )
 from actcap.storage.format import FORMAT_VERSION, SUFFIX, SampleMeta, ShardSlice
 from actcap.storage.location import (
@@ -63,7 +60,15 @@ from actcap.storage.location import (
     read_bytes,
     url_fs,
 )
-from actcap.storage.safety import NOFOLLOW, UnsafePathError, lock_run, refuse_link, run_path
+from actcap.storage.safety import (
+    NOFOLLOW,
+    TEMP_PATTERN,
+    RunDirs,
+    UnsafePathError,
+    lock_run,
+    refuse_link,
+    run_path,
+)
 from actcap.storage.shards import ShardAppender
 
 RUN_FILE = "run.json"
@@ -97,10 +102,14 @@ _RESERVED = {
     *(f"lpt{i}" for i in range(10)),
 }
 """Names Windows reserves whatever their suffix."""
-_TEMP = re.compile(r"\..+\.tmp")
-"""actcap's temporary names (a hidden name ending in ``.tmp``), inside ``samples/`` and ``shards/``."""
-_ROOT_TEMP = re.compile(r"\.(run\.json|results\.json|manifest\.jsonl)\..+\.tmp")
-"""actcap's temporary names in the run folder itself."""
+_TEMP = re.compile(TEMP_PATTERN)
+"""actcap's temporary names (:func:`actcap.storage.safety.temp_name`) in ``samples/`` and ``shards/``."""
+_ROOT_TEMP = re.compile(
+    TEMP_PATTERN.replace("(?P<name>.+)", r"(run\.json|results\.json|manifest\.jsonl)")
+)
+"""actcap's temporary names in the run folder itself (exactly; another tool's ``.x.tmp`` is kept)."""
+RUN_MARKER = "actcap-run"
+"""``run.json``'s ``format`` value: what makes a folder an actcap run."""
 _SHARD_FILE = re.compile(r"[0-9a-f]{12}-\d{5,}\.shard")
 """The names actcap gives shards (see :func:`actcap.storage.shards.shard_name`)."""
 
@@ -164,12 +173,30 @@ def _refuse_links(root: Path) -> None:
 
 
 def is_run_record(data: bytes) -> bool:
-    """Whether bytes are an actcap ``run.json`` (a JSON object with a ``format_version``)."""
+    """Whether bytes are an actcap ``run.json``: the only mark that makes a folder an actcap run.
+
+    Its ``format`` is :data:`RUN_MARKER`; a run written before that mark existed must have an
+    integer ``run_format_version``, a ``format_version`` and ``versions.actcap``. A folder
+    whose ``run.json`` merely has a ``format_version`` key is another tool's, and is never
+    written into nor cleaned up.
+    """
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
-    return isinstance(record, dict) and "format_version" in record
+    if not isinstance(record, dict):
+        return False
+    if record.get("format") == RUN_MARKER:
+        return True
+    version = record.get("run_format_version")
+    versions = record.get("versions")
+    return (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and "format_version" in record
+        and isinstance(versions, dict)
+        and isinstance(versions.get("actcap"), str)
+    )
 
 
 def check_out_folder(root: PathOrUrl) -> None:
@@ -431,10 +458,14 @@ def _reader_at(fd: int, base: int) -> Callable[[int, int], bytes]:
     return lambda start, n: os.pread(fd, n, base + start)
 
 
-def _cut_torn_line(path: Path) -> None:
-    """Remove a final line without its newline (an append cut short by a crash or a full disk)."""
+def _cut_torn_line(dirs: RunDirs, folder: str, name: str) -> None:
+    """Remove a final line without its newline (an append cut short by a crash or a full disk).
+
+    Raises:
+        RunError: When the manifest is a link or has other hard links.
+    """
     try:
-        fd = os.open(path, os.O_RDWR | NOFOLLOW)
+        fd = dirs.open_existing(folder, name, os.O_RDWR)
     except FileNotFoundError:
         return
     with os.fdopen(fd, "r+b") as f:
@@ -446,7 +477,7 @@ def _cut_torn_line(path: Path) -> None:
             os.fsync(f.fileno())
 
 
-def drop_damaged(root: Path, entries: list[ManifestEntry]) -> list[ManifestEntry]:
+def drop_damaged(dirs: RunDirs, entries: list[ManifestEntry]) -> list[ManifestEntry]:
     """Check every finished sample of a run being resumed; unlist those to redo.
 
     The manifest is rewritten whole without them (and any segments folded into it) and renamed
@@ -455,12 +486,12 @@ def drop_damaged(root: Path, entries: list[ManifestEntry]) -> list[ManifestEntry
     Returns:
         The entries still finished.
     """
-    bad = damaged_samples(root, entries)
+    bad = damaged_samples(dirs.root, entries)
     if not bad:
         return entries
-    warn_redone(root, bad)
-    ordered, data = merged_manifest(root, None, exclude=bad)
-    _replace_manifest(root, data)
+    warn_redone(dirs.root, bad)
+    ordered, data = merged_manifest(dirs.root, None, exclude=bad)
+    _replace_manifest(dirs, data)
     return ordered
 
 
@@ -475,14 +506,14 @@ def warn_redone(root: PathOrUrl, bad: Mapping[str, str]) -> None:
     )
 
 
-def _replace_manifest(root: Path, data: bytes) -> None:
+def _replace_manifest(dirs: RunDirs, data: bytes) -> None:
     """Write ``manifest.jsonl`` whole, renamed into place, then remove the segments it holds."""
-    segments = [n for n in manifest_names(root) if n != MANIFEST]
-    atomic_write_bytes(root / MANIFEST, data)
+    segments = [n for n in dirs.listdir(MANIFESTS) if n.endswith(".jsonl")]
+    dirs.write_atomic("", MANIFEST, [data])
     for name in segments:
-        (root / name).unlink(missing_ok=True)
+        dirs.unlink(MANIFESTS, name)
     if segments:
-        fsync_dir(root / MANIFESTS)
+        dirs.fsync(MANIFESTS)
 
 
 class RunWriter:
@@ -495,19 +526,21 @@ class RunWriter:
 
     def __init__(
         self,
-        root: Path,
+        dirs: RunDirs,
         lock_fd: int,
         *,
         storage: Literal["files", "shards"] = "files",
         shard_bytes: int = SHARD_BYTES,
         writer_id: str | None = None,
-        dir_fd: int = -1,
     ) -> None:
-        """Use :meth:`open` (the run's main writer) or :meth:`attach` (an extra writer)."""
+        """Use :meth:`open` (the run's main writer) or :meth:`attach` (an extra writer).
+
+        The writer owns ``dirs`` (and its run folder's descriptor) from here on.
+        """
+        root = dirs.root
         self.root = root
+        self.dirs = dirs
         self._lock_fd = lock_fd
-        self._dir_fd = dir_fd
-        self._samples_checked = False
         self.storage: str = storage
         self.writer_id = writer_id or new_writer_id()
         self.manifest_name = MANIFEST if lock_fd >= 0 else f"{MANIFESTS}/{self.writer_id}.jsonl"
@@ -515,7 +548,7 @@ class RunWriter:
         # nothing (one still starting when the run ends) leaves no file behind after the merge.
         self._manifest: BinaryIO | None = self._open_manifest() if lock_fd >= 0 else None
         self.done: dict[str, ManifestEntry] = {e.id: e for e in read_all_manifests(root)}
-        self._shards = ShardAppender(root / SHARDS, self.writer_id, shard_bytes)
+        self._shards = ShardAppender(dirs, self.writer_id, shard_bytes)
 
     @classmethod
     def open(
@@ -544,24 +577,30 @@ class RunWriter:
                 differs from the resumed run's, or a name of the run is a symbolic link.
         """
         path = local_path(root)
+        refuse_link(path)  # before anything is created in its target
         _refuse_links(path)
         check_out_folder(path)
         dir_fd, lock_fd = lock_run(path, LOCK)
+        dirs = RunDirs(path, dir_fd)
         try:
             _refuse_links(path)  # again, now that no other actcap process writes here
             entries = read_all_manifests(path)
             record = check_run_config(path, config, resume, bool(entries))
             if record is not None:
-                atomic_write_bytes(path / RUN_FILE, record)
+                dirs.write_atomic("", RUN_FILE, [record])
             if resume and entries:
-                drop_damaged(path, entries)
-            writer = cls(path, lock_fd, storage=storage, shard_bytes=shard_bytes, dir_fd=dir_fd)
+                drop_damaged(dirs, entries)
+            writer = cls(dirs, lock_fd, storage=storage, shard_bytes=shard_bytes)
         except BaseException:
+            dirs.close()
             os.close(lock_fd)  # releases the flocks
-            if dir_fd >= 0:
-                os.close(dir_fd)
+            os.close(dir_fd)
             raise
-        writer.cleanup_leftovers()
+        try:
+            writer.cleanup_leftovers()
+        except BaseException:
+            writer.close()
+            raise
         return writer
 
     @classmethod
@@ -586,39 +625,51 @@ class RunWriter:
             raise RunError(f"{path}: not a run directory (no {RUN_FILE}); open it first.")
         _refuse_links(path)
         try:
-            return cls(path, -1, storage=storage, shard_bytes=shard_bytes, writer_id=writer_id)
+            dirs = RunDirs.open(path)
         except OSError as e:
             raise RunError(f"{path}: cannot write the run directory ({e.strerror or e}).") from e
+        try:
+            return cls(dirs, -1, storage=storage, shard_bytes=shard_bytes, writer_id=writer_id)
+        except BaseException as e:
+            dirs.close()
+            os.close(dirs.root_fd)
+            if isinstance(e, OSError) and not isinstance(e, RunError):
+                raise RunError(
+                    f"{path}: cannot write the run directory ({e.strerror or e})."
+                ) from e
+            raise
 
     def cleanup_leftovers(self) -> list[Path]:
         """Remove actcap's own leftovers of a crash, and nothing else.
 
-        Its temporary files, and sample files or shards that no manifest names, are removed; no
-        link is followed.
+        Its temporary files (names of exactly actcap's temporary form), and sample files or
+        shards that no manifest names, are removed; nothing is removed unless the folder's
+        ``run.json`` marks it an actcap run, and no link is followed (names are listed and
+        removed through the writer's folder descriptors).
 
         Only the main writer calls this, when no extra writer is running.
 
         Raises:
             RunError: When ``samples/`` or ``shards/`` is a symbolic link.
         """
+        dirs = self.dirs
+        record = dirs.read("", RUN_FILE)
+        if record is None or not is_run_record(record):
+            return []  # not an actcap run: delete nothing
         removed = []
         listed = {e.file for e in self.done.values() if e.file}
         for folder, ours in ((SAMPLES, _is_sample_name), (SHARDS, _SHARD_FILE.fullmatch)):
-            where = self.root / folder
-            refuse_link(where)
-            if not where.is_dir():
-                continue
-            for p in where.iterdir():
-                leftover = _TEMP.fullmatch(p.name) or (
-                    ours(p.name) and f"{folder}/{p.name}" not in listed
+            for name in dirs.listdir(folder):
+                leftover = _TEMP.fullmatch(name) or (
+                    ours(name) and f"{folder}/{name}" not in listed
                 )
-                if leftover and p.is_file() and not p.is_symlink():
-                    p.unlink(missing_ok=True)
-                    removed.append(p)
-        for p in self.root.iterdir():
-            if _ROOT_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
-                removed.append(p)
+                if leftover and dirs.is_file(folder, name):
+                    dirs.unlink(folder, name)
+                    removed.append(dirs.path(folder, name))
+        for name in dirs.listdir(""):
+            if _ROOT_TEMP.fullmatch(name) and dirs.is_file("", name):
+                dirs.unlink("", name)
+                removed.append(dirs.path("", name))
         return removed
 
     def is_done(self, sample_id: str) -> bool:
@@ -653,17 +704,16 @@ class RunWriter:
                     name, offset, length = self._shards.append(parts)
                     rel, where = f"{SHARDS}/{name}", {"offset": offset, "length": length}
                 else:
-                    rel = f"{SAMPLES}/{sample_filename(sample_id)}"
-                    if not self._samples_checked:
-                        refuse_link(self.root / SAMPLES)
-                        self._samples_checked = True
-                    save_activations(
-                        self.root / rel,
+                    name = sample_filename(sample_id)
+                    rel = f"{SAMPLES}/{name}"
+                    parts = encode_sample(
+                        str(self.root / rel),
                         activations,
                         meta,
                         input_ids=input_ids,
                         output_ids=output_ids,
                     )
+                    self.dirs.write_atomic(SAMPLES, name, parts)
             line = manifest_line(sample_id, rel, where, record)
             data = (json.dumps(line, ensure_ascii=False, default=str) + "\n").encode()
             if self._manifest is None:
@@ -682,21 +732,26 @@ class RunWriter:
         return entry
 
     def _open_manifest(self) -> BinaryIO:
-        """Open this writer's manifest for appending, after cutting a torn last line."""
-        path = self.root / self.manifest_name
-        refuse_link(path.parent)
-        new = not path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open this writer's manifest for appending, after cutting a torn last line.
+
+        Raises:
+            RunError: When the manifest (or its folder) is a link, or it has other hard links.
+        """
+        folder, _, name = self.manifest_name.rpartition("/")
+        _cut_torn_line(self.dirs, folder, name)
         try:
-            _cut_torn_line(path)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
+            fd = self.dirs.create(folder, name, append=True)
+            new = True
+        except FileExistsError:
+            fd = self.dirs.open_existing(folder, name, os.O_WRONLY | os.O_APPEND)
+            new = False
         except OSError as e:
             if e.errno == errno.ELOOP:
-                refuse_link(path)
+                refuse_link(self.dirs.path(folder, name))
             raise
         handle = os.fdopen(fd, "ab")  # closed in close()
         if new:
-            fsync_dir(path.parent)  # the new file's name is durable too
+            self.dirs.fsync(folder)  # the new file's name is durable too
         return handle
 
     def _repair_manifest(self) -> None:
@@ -733,7 +788,7 @@ class RunWriter:
         if self._manifest is not None:
             with contextlib.suppress(OSError):
                 self._manifest.close()
-        _replace_manifest(self.root, data)
+        _replace_manifest(self.dirs, data)
         self._manifest = self._open_manifest()
         self.done = {e.id: e for e in ordered}
         return len(ordered)
@@ -742,7 +797,9 @@ class RunWriter:
         """Write ``results.json`` atomically."""
         path = self.root / RESULTS
         refuse_link(path)
-        atomic_write_bytes(path, json.dumps(results, indent=2, ensure_ascii=False).encode())
+        self.dirs.write_atomic(
+            "", RESULTS, [json.dumps(results, indent=2, ensure_ascii=False).encode()]
+        )
         return str(path)
 
     def close(self) -> None:
@@ -750,14 +807,17 @@ class RunWriter:
         if self._manifest is not None:
             with contextlib.suppress(OSError):
                 self._manifest.close()
+        self._manifest = None
         self._shards.close()
-        fsync_dir(self.root / SAMPLES)
+        if self.dirs.root_fd < 0:
+            return
+        self.dirs.fsync(SAMPLES)
+        self.dirs.close()
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            os.close(self._lock_fd)  # releases its flock
             self._lock_fd = -1
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        os.close(self.dirs.root_fd)  # and the directory's
+        self.dirs.root_fd = -1
 
     def __enter__(self) -> RunWriter:
         """Use as a context manager."""
@@ -849,7 +909,12 @@ def check_run_config(
                 )
             return None  # keep the original run.json (its start time, its versions)
     version = 2 if config.get("storage") == "shards" else 1
-    record = {"run_format_version": version, "format_version": FORMAT_VERSION, **config}
+    record = {
+        "format": RUN_MARKER,
+        "run_format_version": version,
+        "format_version": FORMAT_VERSION,
+        **config,
+    }
     return json.dumps(record, indent=2, ensure_ascii=False, default=str).encode()
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from pathlib import Path
 
-from actcap.errors import RunError, WriteError
-from actcap.storage.files import fsync_dir
+from actcap.errors import WriteError
 from actcap.storage.format import SHARD_SUFFIX
+from actcap.storage.safety import RunDirs
+
+SHARDS = "shards"
+"""The run's folder of shards."""
 
 
 def shard_name(writer_id: str, sequence: int) -> str:
@@ -28,17 +30,18 @@ def shard_name(writer_id: str, sequence: int) -> str:
 
 
 class ShardAppender:
-    """Appends samples' bytes to a writer's own shards in a local folder, durably."""
+    """Appends samples' bytes to a writer's own shards in a run's ``shards/``, durably."""
 
-    def __init__(self, folder: Path, writer_id: str, max_bytes: int) -> None:
-        """Write into ``folder``, in shards named after ``writer_id``.
+    def __init__(self, dirs: RunDirs, writer_id: str, max_bytes: int) -> None:
+        """Write into ``shards/`` of the run ``dirs`` opened, in shards named after ``writer_id``.
 
         Args:
-            folder: The run's ``shards/`` folder.
+            dirs: The run's folders (shards are created relative to them, never through a link).
             writer_id: This writer's id; no other writer may use it.
             max_bytes: A new shard begins once the current one is at least this large.
         """
-        self.folder = folder
+        self.dirs = dirs
+        self.folder = dirs.path(SHARDS)
         self.writer_id = writer_id
         self.max_bytes = max_bytes
         self._sequence = -1
@@ -53,18 +56,10 @@ class ShardAppender:
         """
         self.close()
         self._sequence += 1
-        path = self.folder / shard_name(self.writer_id, self._sequence)
-        if self.folder.is_symlink():
-            raise RunError(
-                f"{self.folder}: is a symbolic link; actcap never writes through a link inside a "
-                "run. Remove the link, or choose another --out."
-            )
-        self.folder.mkdir(parents=True, exist_ok=True)
         # 0666 less the umask, as any new file; exclusive, so never through an existing link.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        self._fd = os.open(path, flags, 0o666)
+        self._fd = self.dirs.create(SHARDS, shard_name(self.writer_id, self._sequence), append=True)
         self._size = 0
-        fsync_dir(self.folder)
+        self.dirs.fsync(SHARDS)
 
     def append(self, parts: list[memoryview]) -> tuple[str, int, int]:
         """Append one sample's bytes (given in parts) and fsync them.
