@@ -526,3 +526,31 @@ def test_sample_files_written_through_descriptors_read_with_safetensors(tmp_path
         assert torch.equal(f.get_tensor("layer_0"), acts(0.0)["layer_0"])
         assert f.metadata()["format"] == "actcap"
     assert load_activations(run, sample_id="a")["prompt"] == "a"
+
+
+def test_a_folder_whose_run_json_only_has_format_version_is_no_run(tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "samples").mkdir(parents=True)
+    (foreign / "run.json").write_text('{"format_version": 1, "tool": "other"}')
+    (foreign / "samples" / "keep.safetensors").write_bytes(b"another tool's data")
+    (foreign / "manifest.jsonl").write_text("")
+    for resume in (False, True):
+        with pytest.raises(RunError, match="not an actcap run"):
+            RunWriter.open(foreign, {"model": "m"}, resume=resume)
+    assert (foreign / "run.json").read_text() == '{"format_version": 1, "tool": "other"}'
+    assert (foreign / "samples" / "keep.safetensors").read_bytes() == b"another tool's data"
+    assert not (foreign / ".lock").exists()
+
+
+def test_runs_are_marked_and_older_actcap_runs_still_resume(tmp_path):
+    run = make_run(tmp_path / "run", ["a"])
+    record = json.loads((run / "run.json").read_text())
+    assert record["format"] == "actcap-run"
+    del record["format"]  # as written before the mark existed
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match="not an actcap run"):  # no versions.actcap
+        RunWriter.open(run, {"model": "m"}, resume=True)
+    record["versions"] = {"actcap": "0.1.0"}
+    (run / "run.json").write_text(json.dumps(record))
+    with RunWriter.open(run, {"model": "m"}, resume=True) as w:
+        assert w.is_done("a")
