@@ -312,12 +312,11 @@ def test_deleting_the_lock_file_lets_no_second_writer_in(tmp_path):
 @pytest.fixture
 def demo_run(tiny_lm, tmp_path):
     out = tmp_path / "run"
-    bench = load_benchmark("demo").limited(2)
     run_benchmark(
         tiny_lm,
-        bench,
+        load_benchmark("demo"),  # the whole question set, as the CLI passes it
         capture=CaptureSpec(layers=[0]),
-        options=EvalOptions(max_new_tokens=2),
+        options=EvalOptions(max_new_tokens=2, limit=2),
         out=out,
         progress=False,
     )
@@ -390,7 +389,7 @@ def test_resume_refuses_every_setting_that_changes_answers(tiny_lm, demo_run):
 def test_resume_accepts_other_batch_size_and_limit(tiny_lm, demo_run):
     result = run_benchmark(
         tiny_lm,
-        load_benchmark("demo").limited(3),
+        load_benchmark("demo"),
         capture=CaptureSpec(layers=[0]),
         options=EvalOptions(max_new_tokens=2, batch_size=1, limit=3),
         out=demo_run,
@@ -554,3 +553,68 @@ def test_runs_are_marked_and_older_actcap_runs_still_resume(tmp_path):
     (run / "run.json").write_text(json.dumps(record))
     with RunWriter.open(run, {"model": "m"}, resume=True) as w:
         assert w.is_done("a")
+
+
+def _fields_bench(tmp_path, question_column):
+    data = tmp_path / "q.jsonl"
+    rows = [
+        {"id": f"q{i}", "q": f"What is {i}+1?", "alt": f"Say {i}", "ans": str(i + 1)}
+        for i in range(3)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return load_benchmark(f"jsonl:{data}", {"question": question_column, "answer": "ans"})
+
+
+def test_resume_refuses_another_field_mapping(tiny_lm, tmp_path):
+    out, opts = tmp_path / "run", EvalOptions(max_new_tokens=2, limit=2)
+    run_benchmark(
+        tiny_lm, _fields_bench(tmp_path, "q"), capture=None, options=opts, out=out, progress=False
+    )
+    with pytest.raises(RunError, match=r"the question set \(the benchmark file or its --field"):
+        run_benchmark(
+            tiny_lm,
+            _fields_bench(tmp_path, "alt"),
+            capture=None,
+            options=opts,
+            out=out,
+            resume=True,
+            progress=False,
+        )
+    opts3 = EvalOptions(max_new_tokens=2, limit=3)  # the same questions, a larger --limit
+    result = run_benchmark(
+        tiny_lm,
+        _fields_bench(tmp_path, "q"),
+        capture=None,
+        options=opts3,
+        out=out,
+        resume=True,
+        progress=False,
+    )
+    assert result.answered == 1
+
+
+def test_resume_compares_the_model_a_relative_name_resolves_to(tiny_lm, tmp_path, monkeypatch):
+    import dataclasses
+
+    for folder in ("a", "b"):
+        (tmp_path / folder / "tiny").mkdir(parents=True)
+    bench, opts, out = (
+        load_benchmark("demo"),
+        EvalOptions(max_new_tokens=2, limit=1),
+        tmp_path / "run",
+    )
+    relative = dataclasses.replace(tiny_lm, name="tiny", source="tiny")
+    monkeypatch.chdir(tmp_path / "a")
+    run_benchmark(relative, bench, capture=None, options=opts, out=out, progress=False)
+    monkeypatch.chdir(tmp_path / "b")  # "tiny" is now another model
+    with pytest.raises(RunError, match=r"--model \(the model it resolves to\) differs"):
+        run_benchmark(
+            relative, bench, capture=None, options=opts, out=out, resume=True, progress=False
+        )
+    absolute = str(tmp_path / "a" / "tiny")  # the same folder, given absolutely
+    same = dataclasses.replace(tiny_lm, name=absolute, source=absolute)
+    opts2 = EvalOptions(max_new_tokens=2, limit=2)
+    result = run_benchmark(
+        same, bench, capture=None, options=opts2, out=out, resume=True, progress=False
+    )
+    assert result.answered == 1

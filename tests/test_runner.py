@@ -147,7 +147,7 @@ def test_resume_after_interruption_loses_nothing(tiny_lm, mixed, tmp_path):
         )
     assert len(open_run(out).entries) == 3
     # a leftover from a crash mid-write: a temporary and a file without a manifest line
-    (out / "samples" / ".x.safetensors.123.tmp").write_bytes(b"partial")
+    (out / "samples" / ".x.safetensors.0123abcd.tmp").write_bytes(b"partial")
     (out / "samples" / "orphan.safetensors").write_bytes(b"orphan")
     with pytest.raises(RunError, match="--resume"):
         run_benchmark(tiny_lm, mixed, capture=spec, options=opts, out=out, progress=False)

@@ -193,7 +193,7 @@ def run_benchmark_ray(
     skeleton = load_skeleton(model)
     sites = run_sites(skeleton, capture)
     layout = resolve_storage(storage, len(bench.questions), out)
-    config = run_config(skeleton, bench, capture, sites, options, layout)
+    config = run_config(skeleton, bench, capture, sites, options, layout, benchmark.questions)
     writer = open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
     try:
         todo = [q for q in bench.questions if q.id not in writer.done]

@@ -7,6 +7,8 @@ done, so a crash loses at most the batch in flight; ``resume=True`` skips finish
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -295,11 +297,18 @@ def run_config(
     sites: Sequence[Any],
     options: EvalOptions,
     storage: str,
+    questions: Sequence[Question] | None = None,
 ) -> dict[str, Any]:
-    """What ``run.json`` records of a run."""
+    """What ``run.json`` records of a run.
+
+    ``questions`` is the whole question set before ``--limit`` (default: ``bench``'s); its
+    digest, and the resolved model, let a resume refuse another question set or model.
+    """
     return {
         "model": lm.display_name,
         "model_source": lm.source,
+        "model_id": model_id(lm.source),
+        "questions_digest": questions_digest(bench.questions if questions is None else questions),
         "benchmark": bench.name,
         "n_questions": len(bench.questions),
         "capture": capture.to_json() if capture is not None else None,
@@ -310,6 +319,21 @@ def run_config(
         "versions": versions(),
         "compute": compute_record(lm),
     }
+
+
+def model_id(source: str) -> str:
+    """Which model a run used: the absolute real path of a local folder or file, else the hub id."""
+    return os.path.realpath(source) if os.path.exists(source) else source
+
+
+def questions_digest(questions: Sequence[Question]) -> str:
+    """A digest of a question set: ids, questions, choices and answers, in order (sha256 hex)."""
+    digest = hashlib.sha256()
+    for q in questions:
+        item = [q.id, q.question, list(q.choices) if q.choices else None, q.answer]
+        digest.update(json.dumps(item, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def run_sites(lm: LoadedModel, capture: CaptureSpec | None) -> list[Any]:
@@ -416,7 +440,7 @@ def run_benchmark(
     bench = benchmark.limited(options.limit)
     sites = run_sites(lm, capture)
     layout = resolve_storage(storage, len(bench.questions), out)
-    config = run_config(lm, bench, capture, sites, options, layout)
+    config = run_config(lm, bench, capture, sites, options, layout, benchmark.questions)
     writer = (
         open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
         if out is not None

@@ -834,6 +834,8 @@ FREE_OPTIONS = frozenset(
 """Options a resume may change: they select questions or set speed, never change an answer."""
 _LABELS = {
     "model": "--model",
+    "model_id": "--model (the model it resolves to)",
+    "questions_digest": "the question set (the benchmark file or its --field mapping)",
     "benchmark": "--benchmark",
     "capture": "capture (--no-capture)",
     "sites": "the site list",
@@ -857,13 +859,16 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
 
     Each reads as ``"--few-shot differs (run: 0, now: 5)"``.
 
-    Compared: model, benchmark, the captured sites, every capture setting and every option but
-    :data:`FREE_OPTIONS`. A key missing on either side (a run written by an older actcap) is
+    Compared: the model (the folder or hub id it resolves to, where both record it), benchmark,
+    the question set's digest (before ``--limit``), the captured sites, every capture setting and
+    every option but :data:`FREE_OPTIONS`. A key missing on either side (a run written by an older actcap) is
     unknown, and accepted.
     """
     now = json.loads(json.dumps(dict(new), default=str))  # tuples as lists, as in run.json
     pairs: list[tuple[str, Any, Any]] = []
-    for key in ("model", "benchmark", "capture", "sites", "options"):
+    # The resolved model (a local folder's real path), when both record it, not the typed name.
+    model = "model_id" if "model_id" in old and "model_id" in now else "model"
+    for key in (model, "benchmark", "questions_digest", "capture", "sites", "options"):
         if key not in old or key not in now:
             continue
         a, b = old[key], now[key]
