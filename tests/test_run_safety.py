@@ -618,3 +618,30 @@ def test_resume_compares_the_model_a_relative_name_resolves_to(tiny_lm, tmp_path
         same, bench, capture=None, options=opts2, out=out, resume=True, progress=False
     )
     assert result.answered == 1
+
+
+@pytest.mark.parametrize("storage", ["files", "shards"])
+def test_another_samples_file_in_place_is_damaged(tmp_path, storage):
+    run = tmp_path / "run"
+    with RunWriter.open(run, {"model": "m"}, storage=storage) as w:  # type: ignore[arg-type]
+        for k, i in enumerate(["a", "b"]):
+            meta = SampleMeta(prompt=i, extra={"question_id": i})
+            w.write_sample(i, {"correct": True}, acts(float(k)), meta)
+    if storage == "files":
+        (run / "samples" / "a.safetensors").write_bytes(
+            (run / "samples" / "b.safetensors").read_bytes()
+        )
+    else:  # a's line pointing at b's bytes
+        lines = manifest_lines(run)
+        lines[0].update(offset=lines[1]["offset"], length=lines[1]["length"])
+        (run / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(FormatError, match=r"holds sample 'b', not 'a' as the manifest says"):
+        load_activations(run, sample_id="a")
+    assert load_activations(run, sample_id="b")["prompt"] == "b"
+    with (
+        pytest.warns(
+            UserWarning, match=r"1 finished sample\(s\) missing or damaged.*holds sample 'b'"
+        ),
+        RunWriter.open(run, {"model": "m"}, resume=True) as w,
+    ):
+        assert not w.is_done("a") and w.is_done("b")

@@ -578,6 +578,26 @@ class ActivationFile:
             yield name, self.get(name)
 
 
+def check_question_id(header: Mapping[str, Any], sample_id: str, label: str) -> None:
+    """Check that a sample's header names ``sample_id`` as its question, where it names one.
+
+    Raises:
+        FormatError: When its ``extra.question_id`` is another id (another sample's file).
+    """
+    meta = header.get("__metadata__")
+    extra_text = meta.get("extra") if isinstance(meta, dict) else None
+    try:
+        extra = json.loads(extra_text) if isinstance(extra_text, str) else None
+    except (ValueError, RecursionError):
+        raise FormatError(f"{label}: corrupt metadata in the header (extra).") from None
+    question_id = extra.get("question_id") if isinstance(extra, dict) else None
+    if question_id is not None and question_id != sample_id:
+        raise FormatError(
+            f"{label}: holds sample {question_id!r}, not {sample_id!r} as the manifest says; the "
+            "file was replaced. Resume the run to redo it."
+        )
+
+
 def load_activations(
     file_path: str | os.PathLike[str] | ShardSlice,
     sites: Sequence[str] | None = None,
@@ -604,7 +624,8 @@ def load_activations(
         "activations": {site: tensor}, "metadata": {...}}``.
 
     Raises:
-        FormatError: The file is missing, truncated, corrupt or of a newer format.
+        FormatError: The file is missing, truncated, corrupt or of a newer format, or (with
+            ``sample_id``) holds another sample than the manifest says.
         UnsafeFileError: A pickle that needs code execution, without ``trust_pickle``.
         UnknownNameError: ``sample_id`` is not in the run.
     """
@@ -620,6 +641,8 @@ def load_activations(
         if detect_format(source) in _PICKLED:
             return _load_legacy(source, sites, trust_pickle)
     with ActivationFile(source) as f:
+        if sample_id is not None:
+            check_question_id(f.header, sample_id, f.label)
         wanted = list(sites) if sites is not None else f.sites
         acts = dict(f.iter_sites(wanted))
         meta = f.meta

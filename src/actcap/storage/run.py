@@ -45,6 +45,7 @@ from torch import Tensor
 
 from actcap.errors import FormatError, RunError, UnknownNameError
 from actcap.storage.files import (
+    check_question_id,
     encode_sample,
     parse_header,
     read_header,
@@ -402,8 +403,9 @@ class DoneIndex:
 def damaged_samples(root: PathOrUrl, entries: Iterable[ManifestEntry]) -> dict[str, str]:
     """Finished samples whose activations are not there whole: sample id to why.
 
-    A file must exist and its safetensors header parse, with every tensor inside the file; a
-    shard range must lie inside its shard and (locally) its header parse. At a URL only the
+    A file must exist and its safetensors header parse, with every tensor inside the file, and
+    name the sample's id (``extra.question_id``) where it names one; a shard range must lie
+    inside its shard and (locally) its header parse and name the id likewise. At a URL only the
     shards' sizes are checked (one request per shard, not one per sample).
     """
     text = os.fspath(root)
@@ -414,7 +416,7 @@ def damaged_samples(root: PathOrUrl, entries: Iterable[ManifestEntry]) -> dict[s
         try:
             source = e.source(text, real_root)
             if isinstance(source, Path):
-                read_header(source)
+                check_question_id(read_header(source), e.id, str(source))
             elif isinstance(source, ShardSlice):
                 slices.setdefault(source.shard, []).append((e, source))
         except FormatError as err:
@@ -444,7 +446,8 @@ def _damaged_in_shard(shard: str, items: list[tuple[ManifestEntry, ShardSlice]])
                 bad[e.id] = f"{part}: the shard has {size} bytes, the sample ends at {end}."
             elif fd >= 0:
                 try:
-                    parse_header(_reader_at(fd, part.offset), part.length, str(part))
+                    header = parse_header(_reader_at(fd, part.offset), part.length, str(part))
+                    check_question_id(header, e.id, str(part))
                 except FormatError as err:
                     bad[e.id] = str(err)
     finally:
