@@ -13,9 +13,12 @@ the same batch size, interleaved in shuffled rounds after a warm-up on two docum
   each document to a run directory and the metrics at the end;
 - ActcapLM without capture (no run directory).
 
-Printed per task: median seconds, questions per second, and the median over rounds of the
-speed relative to `hf` in the same round (>1: faster than `hf`); the per-document accuracy of
-each variant is checked equal. lm-eval's description of the machine after each evaluation
+Printed per task: median wall seconds and questions per second, and the same in CPU seconds
+of this process (`time.process_time`, all its threads; what the work costs, whatever else runs on
+the machine), each with the median over rounds of the speed relative to `hf` in the same round
+(>1: faster than `hf`); the per-document answers of every variant are checked equal. On a
+machine shared with other work, run with `--threads 1`: every torch operation waits for its
+threads to be scheduled, so wall time then counts operations more than arithmetic. lm-eval's description of the machine after each evaluation
 (`add_env_info`, ~1 s of subprocesses) is switched off for every variant alike.
 """
 
@@ -158,32 +161,42 @@ def run_task(
         fn()
     accuracy: dict[str, list[float]] = {}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     speed: dict[str, list[float]] = {k: [] for k in variants}
+    cpu_speed: dict[str, list[float]] = {k: [] for k in variants}
     rng = random.Random(0)
     for _ in range(args.rounds):
         order = list(variants)
         rng.shuffle(order)
-        this = {}
+        wall, used = {}, {}
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results = variants[name]()
-            this[name] = time.perf_counter() - t0
+            wall[name], used[name] = time.perf_counter() - t0, time.process_time() - c0
             accuracy.setdefault(name, per_doc_accuracy(results, task))
-        for name, t in this.items():
-            times[name].append(t)
-            speed[name].append(this[baseline] / t)
+        for name in variants:
+            times[name].append(wall[name])
+            cpu[name].append(used[name])
+            speed[name].append(wall[baseline] / wall[name])
+            cpu_speed[name].append(used[baseline] / used[name])
     same = all(a == accuracy[baseline] for a in accuracy.values())
     print(
         f"\n## {task} ({key}): {limit} documents, {shots}-shot, {args.rounds} rounds; "
         f"per-document answers of all variants equal: {same}"
     )
-    print(f"{'variant':<44} {'median s':>9} {'q/s':>7} {'vs hf':>7}  accuracy")
+    print(
+        f"{'variant':<44} {'wall s':>8} {'q/s':>7} {'vs hf':>7} {'CPU s':>8} {'q/CPU-s':>8} "
+        f"{'vs hf':>7}  accuracy"
+    )
     rows = []
     for name in variants:
-        med = statistics.median(times[name])
-        ratio = statistics.median(speed[name])
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+        ratio, cpu_ratio = statistics.median(speed[name]), statistics.median(cpu_speed[name])
         acc = sum(accuracy[name]) / len(accuracy[name])
-        print(f"{name:<44} {med:>9.2f} {limit / med:>7.2f} {ratio:>6.2f}x  {acc:.3f}")
+        print(
+            f"{name:<44} {med:>8.2f} {limit / med:>7.2f} {ratio:>6.2f}x {med_cpu:>8.2f} "
+            f"{limit / med_cpu:>8.2f} {cpu_ratio:>6.2f}x  {acc:.3f}"
+        )
         rows.append(
             {
                 "task": task,
@@ -198,6 +211,9 @@ def run_task(
                 "max_s": max(times[name]),
                 "qps": limit / med,
                 "speed_vs_hf": ratio,
+                "cpu_s": med_cpu,
+                "q_per_cpu_s": limit / med_cpu,
+                "cpu_speed_vs_hf": cpu_ratio,
                 "accuracy": acc,
                 "answers_equal_hf": accuracy[name] == accuracy[baseline],
             }

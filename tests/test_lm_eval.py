@@ -158,6 +158,15 @@ def test_letters_task_same_as_hf_and_every_document_stored_with_its_metrics(
     assert sample["input_ids"].tolist() == ids
 
 
+def test_chat_template_prompts_same_as_hf(loaded, hf, manager):
+    """lm-eval's --apply-chat-template: the model's chat template writes the few-shot turns."""
+    kw = {"num_fewshot": 1, "limit": 4, "apply_chat_template": True}
+    ours = evaluate(actcap_lm(loaded, None), manager, "actcap_mmlu_letters", **kw)
+    theirs = evaluate(hf, manager, "actcap_mmlu_letters", log_samples=True, **kw)
+    assert_same_per_document(ours, theirs, "actcap_mmlu_letters")
+    assert ours["samples"]["actcap_mmlu_letters"][0]["arguments"][0][0].startswith("<|user|>")
+
+
 def test_choice_texts_with_acc_norm_same_as_hf(loaded, hf, manager, tmp_path):
     """HellaSwag style: multi-token continuations run after the context on its cache."""
     run = tmp_path / "texts"
