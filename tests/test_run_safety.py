@@ -645,3 +645,37 @@ def test_another_samples_file_in_place_is_damaged(tmp_path, storage):
         RunWriter.open(run, {"model": "m"}, resume=True) as w,
     ):
         assert not w.is_done("a") and w.is_done("b")
+
+
+@pytest.mark.parametrize("name", [".lock", "manifest.jsonl"])
+def test_a_hard_linked_run_file_is_never_written(tmp_path, name):
+    run = make_run(tmp_path / "run", ["a"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run / name).unlink()
+    os.link(victim, run / name)
+    with pytest.raises(RunError, match=rf"{name}: has other hard links"):
+        RunWriter.open(run, {"model": "m"}, resume=True)
+    assert victim.read_text() == "precious\n"
+
+
+def test_out_as_a_link_is_refused_before_anything_is_created(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    with pytest.raises(RunError, match=r"link: is a symbolic link"):
+        RunWriter.open(tmp_path / "link", {"model": "m"})
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"offset": True}, "not byte counts"), ({"length": 10**6}, "past the shard's end")],
+)
+def test_a_shard_slice_of_a_bool_offset_or_past_the_end_is_corrupt(tmp_path, change, message):
+    run = make_run(tmp_path / "run", ["a", "b"], storage="shards")
+    lines = manifest_lines(run)
+    lines[1].update(change)
+    (run / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(FormatError, match=message):
+        load_activations(run, sample_id="b")

@@ -482,6 +482,18 @@ class ActivationFile:
     def _slice_header(self, part: ShardSlice) -> dict[str, Any]:
         """The checked header of one sample in a shard; notes where its tensors start."""
         header_bytes = 0
+        if not is_url(part.shard):
+            try:
+                size = os.stat(part.shard).st_size
+            except OSError as e:
+                raise FormatError(
+                    f"{part.shard}: cannot read the shard ({e.strerror or e})."
+                ) from e
+            if part.offset + part.length > size:
+                raise FormatError(
+                    f"{self.label}: the sample ends at byte {part.offset + part.length}, past the "
+                    f"shard's end ({size} bytes); its manifest line is corrupt."
+                )
 
         def read(start: int, n: int) -> bytes:
             nonlocal header_bytes

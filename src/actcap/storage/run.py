@@ -266,7 +266,12 @@ class ManifestEntry:
         if offset is None and length is None:
             return Path(location)
         if not (
-            isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
+            isinstance(offset, int)
+            and isinstance(length, int)
+            and not isinstance(offset, bool)  # true is an int in Python, and no byte count
+            and not isinstance(length, bool)
+            and offset >= 0
+            and length >= 0
         ):
             raise FormatError(
                 f"{os.fspath(root)}: the manifest line of sample {self.id!r} is corrupt: offset "
