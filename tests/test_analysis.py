@@ -402,3 +402,25 @@ def test_analysis_options_have_help():
             line = next(x for x in text.splitlines() if re.match(rf"\s+(-\w, )?{option}\b", x))
             described = re.split(r"\s{2,}", line.strip())[1:]  # not only "[default: ...]"
             assert described and not described[0].startswith("["), f"{command}: {line!r}"
+
+
+def test_log_scale_tick_labels_are_numbers_not_mathtext_code(run_dir, tmp_path, monkeypatch):
+    """Titles are drawn as plain text (a ``$`` in a site name must not be parsed), so log axes
+    need plain tick labels: matplotlib's default ones are mathtext and showed as raw code."""
+    import matplotlib.text
+
+    from actcap.analysis import plots
+
+    drawn: list[str] = []
+    real_save = plots._save
+
+    def save(fig, *args, **kwargs):
+        result = real_save(fig, *args, **kwargs)
+        drawn.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        return result
+
+    monkeypatch.setattr(plots, "_save", save)
+    first = list_samples(run_dir)[0].path
+    plots.token_layer_norms(first, tmp_path / "norms.png")
+    plots.histogram(first, tmp_path / "hist.png")
+    assert drawn and not [t for t in drawn if "$" in t or "mathdefault" in t], drawn

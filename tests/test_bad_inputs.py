@@ -370,3 +370,24 @@ def test_a_run_with_foreign_manifest_paths_warns_in_one_line_and_counts_them(tmp
     warned = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(warned) == 2 and all(line.startswith("Warning: ") for line in warned), r.stderr
     assert "1 files read, 2 skipped" in r.stdout, r.stdout
+
+
+def test_lens_says_which_token_and_refuses_a_token_on_a_reduced_file(tiny_model_dir, tmp_path):
+    path = tmp_path / "last.safetensors"
+    args = ["generate", "What is 2 + 2?", "--model", str(tiny_model_dir), "--save", str(path)]
+    r = CliRunner().invoke(cli, [*args, "--token-selection", "last", "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    lens = ["lens", str(path), "--model", str(tiny_model_dir)]
+    r = CliRunner().invoke(cli, lens)
+    assert r.exit_code == 0 and "the last vector of each site" in r.output, r.output
+    one_line_error(CliRunner().invoke(cli, [*lens, "--token", "0"]), str(path), "--token")
+
+
+def test_lens_names_the_token_position_it_reads(tiny_model_dir, lens_file):
+    n = load_activations(lens_file)["activations"]["layer_0"].shape[0]
+    r = CliRunner().invoke(cli, ["lens", str(lens_file), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0 and f"token position {n - 1} of {n}" in r.output, r.output
+    r = CliRunner().invoke(
+        cli, ["lens", str(lens_file), "--model", str(tiny_model_dir), "--token", "1"]
+    )
+    assert f"token position 1 of {n}" in r.output, r.output

@@ -417,3 +417,32 @@ def test_every_main_py_flag_has_help_text():
         and not (action.help or "").strip()
     ]
     assert not missing, f"main.py flags without help text: {missing}"
+
+
+def test_ctrl_c_message_starts_on_its_own_line_after_the_progress_bar(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_model_dir), "--benchmark", f"mmlu:{MMLU}"]
+    args += ["--limit", "4", "--batch-size", "2", "--out", str(out)]  # progress bar on
+    interrupt_second_batch(monkeypatch)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 130, r.output
+    line = next(line for line in r.output.splitlines() if "Interrupted." in line)
+    assert line.startswith("Interrupted."), r.output  # not glued to the bar's last line
+    assert r.output.rstrip().endswith("finished samples are skipped."), r.output  # no bar after
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "folder"),
+    [
+        ("demo", "runs/demo"),
+        ("data/questions.jsonl", "runs/questions"),
+        ("mmlu:data/mmlu/test", "runs/mmlu-test"),
+        ("gsm8k:data/gsm8k/test.jsonl", "runs/gsm8k-test"),
+    ],
+)
+def test_default_run_folder_keeps_the_benchmark_kind(benchmark, folder):
+    from actcap.cli.eval_cmd import default_out
+
+    assert default_out(benchmark) == folder

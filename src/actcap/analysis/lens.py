@@ -33,11 +33,13 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
         path: An activation file with ``embeddings``/``layer_<i>`` sites.
         model: A loaded model, a model spec, or None for the model named in the file
             (``"SmolLM2-135M-Instruct"`` means the built-in default).
-        token: Position (for ``[tokens, hidden]`` sites); ignored for reduced files.
+        token: Position (for ``[tokens, hidden]`` sites); a reduced file (token selection
+            ``last`` or ``mean``) holds one vector per site and takes only the default, -1.
         k: Tokens per site.
 
     Raises:
-        ActcapError: When the file holds no residual-stream site, ``token`` is past its end, or
+        ActcapError: When the file holds no residual-stream site, ``token`` is past its end or
+            given for a reduced file, or
             the model does not fit it (checked before the model is loaded, where they can be).
         FormatError: When the file is unreadable or a site holds no values.
     """
@@ -91,8 +93,29 @@ def _check_position(f: ActivationFile, site: str, token: int) -> None:
     """
     shape = check_has_values(f, site)
     n = shape[0]
+    if len(shape) == 1 and token != -1:
+        raise ActcapError(
+            f"{f.label}: the file holds one vector per site (token selection "
+            f"{f.meta.token_selection!r}), not one per token, so --token (token=) does not apply; "
+            "capture with --token-selection all to read other positions."
+        )
     if len(shape) == 2 and not -n <= token < n:
         raise ActcapError(
             f"{f.label}: token position {token} is past the end; the file holds {n} tokens, "
             f"so --token (token=) takes 0 to {n - 1}, or -{n} to -1."
         )
+
+
+def lens_position(path: SampleSource, token: int = -1) -> str:
+    """Which vector :func:`logit_lens` reads, in words: a token position, or the stored reduction.
+
+    Raises:
+        FormatError: When the file is unreadable.
+    """
+    with ActivationFile(path) as f:
+        site = next((s for s in f.sites if s == "embeddings" or s.startswith("layer_")), None)
+        shape = f.shape(site) if site is not None else ()
+        if len(shape) != 2:
+            return f"the {f.meta.token_selection} vector of each site (the file holds one per site)"
+        n = shape[0]
+        return f"token position {token % n if n else token} of {n} (0-based)"

@@ -73,6 +73,17 @@ def _plain_text(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _plain_log_ticks(minor: bool = False) -> Any:
+    """Log-axis tick labels as plain numbers (``1000``, ``0.01``).
+
+    Matplotlib's default log labels are mathtext (``$10^{3}$``), which :func:`_plain_text` turns
+    off, so they would show as raw code. Minor ticks stay unlabelled.
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    return NullFormatter() if minor else FuncFormatter(lambda v, _pos: f"{v:g}")
+
+
 def _stem(file: SampleSource) -> str:
     """A short name for a sample in a title: the file's stem, or the shard's stem and offset."""
     if isinstance(file, ShardSlice):
@@ -137,6 +148,8 @@ def histogram(
         edges_by_site[s] = edges
         ax.hist(v, bins=edges, color="tab:blue")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_plain_log_ticks())
+        ax.yaxis.set_minor_formatter(_plain_log_ticks(minor=True))
         ax.set_title(f"{s} ({outside[s]} values outside)", fontsize=9)
         ax.set_xlabel("activation value")
         ax.set_ylabel("count (log)")
@@ -182,7 +195,9 @@ def token_layer_norms(
         LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
     )
     im = ax.imshow(norms, aspect="auto", cmap="viridis", interpolation="nearest", norm=scale)
-    fig.colorbar(im, ax=ax, label="L2 norm (log scale)")
+    bar = fig.colorbar(im, ax=ax, label="L2 norm (log scale)")
+    bar.ax.yaxis.set_major_formatter(_plain_log_ticks())
+    bar.ax.yaxis.set_minor_formatter(_plain_log_ticks(minor=True))
     ax.set_xlabel("token position")
     ax.set_ylabel("site")
     ax.set_yticks(range(len(sites)), _spread_labels(sites))

@@ -454,6 +454,7 @@ def run_benchmark(
         if writer is not None and options.background_write
         else None
     )
+    bar = None
     try:
         todo = [q for q in bench.questions if q.id not in records]
         plan = plan_questions(lm, bench, todo, options)
@@ -485,6 +486,7 @@ def run_benchmark(
         wall = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+            bar = None
         waited = background.blocked_seconds if background is not None else 0.0
         if writer is not None:
             writer.merge_segments([q.id for q in bench.questions])
@@ -502,6 +504,8 @@ def run_benchmark(
         result.verification = verification
         return result
     finally:
+        if bar is not None:
+            bar.close()  # on an error path or Ctrl-C: end the bar's line before any message
         if background is not None:
             with contextlib.suppress(BaseException):
                 background.close()  # on an error path: finish what is queued, keep the first error

@@ -239,8 +239,11 @@ def report(directory: str, out: str, site: str | None, target: str) -> None:
 def lens(file: str, model: str | None, token: int, k: int) -> None:
     """Logit lens: each layer's residual at one token through the final norm and unembedding."""
     from actcap.analysis import logit_lens
+    from actcap.analysis.lens import lens_position
 
-    for row in logit_lens(file, model, token, k):
+    rows = logit_lens(file, model, token, k)
+    click.echo(f"Logit lens of {file}: {lens_position(file, token)}; top {k} tokens per layer.")
+    for row in rows:
         click.echo(
             f"{row.site:<12} "
             + "  ".join(f"{t!r} {p:.2f}" for t, p in zip(row.tokens, row.probs, strict=True))

@@ -122,7 +122,7 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
     "--out",
     "out",
     default=None,
-    help="Run directory, or an fsspec URL such as s3://bucket/run (default runs/<benchmark>).",
+    help="Run directory, or an fsspec URL such as s3://bucket/run (default runs/<benchmark>: runs/demo, runs/mmlu-test for mmlu:data/mmlu/test).",
 )
 @click.option(
     "--resume",
@@ -329,12 +329,19 @@ def run_eval(kw: dict[str, Any], out: str) -> None:
 
 
 def default_out(benchmark: str) -> str:
-    """``runs/<benchmark name>`` with unsafe characters replaced."""
+    """The default run folder: ``runs/<benchmark>``, unsafe characters replaced.
+
+    ``runs/demo``, ``runs/questions`` (of questions.jsonl), ``runs/mmlu-test`` (of
+    ``mmlu:data/mmlu/test``).
+    """
     import re
     from pathlib import Path
 
-    stem = Path(benchmark.partition(":")[2] or benchmark).stem or benchmark
-    return f"runs/{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}"
+    kind, _, where = benchmark.partition(":")
+    stem = Path(where or benchmark).stem or benchmark
+    # mmlu:data/mmlu/test and gsm8k:data/gsm8k/test.jsonl both end in "test": keep the kind.
+    name = f"{kind}-{stem}" if where and stem != kind else stem
+    return f"runs/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
 
 
 def report(result: Any, benchmark: str, model: str) -> None:
