@@ -80,7 +80,10 @@ def evaluate(model: Any, manager: Any, task: str, shots: int, limit: int) -> dic
 
 
 def per_doc_accuracy(results: dict[str, Any], task: str) -> list[float]:
-    return [s["acc"] if "acc" in s else s["exact_match"] for s in results["samples"][task]]
+    """Each document's main metric under the task's first filter."""
+    samples = results["samples"][task]
+    first = samples[0]["filter"]
+    return [s["acc"] if "acc" in s else s["exact_match"] for s in samples if s["filter"] == first]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -213,6 +213,17 @@ def test_generation_with_regex_filters_same_as_hf(loaded, hf, manager, tmp_path)
     assert first["activations"]["layer_0"].shape[0] == lines[0]["n_prompt_tokens"] + n_out - 1
 
 
+def test_a_generated_answer_ends_at_its_stop_token_or_stop_string(loaded):
+    model = actcap_lm(loaded, None)
+    tok = loaded.tokenizer
+    ids = tok.encode("the answer is 4.\n\nQuestion: and then")
+    kept = model._kept_length(ids, ["\n\n", "Question:"])
+    assert tok.decode(ids[:kept]).endswith("\n\n") and "\n\n" not in tok.decode(ids[: kept - 1])
+    eos = [*ids[:3], tok.eos_token_id, *ids[3:]]
+    assert model._kept_length(eos, ["\n\n"]) == 4  # the stop token, kept
+    assert model._kept_length(ids[:4], ["\n\n"]) == 4  # no stop: every token
+
+
 def test_rolling_loglikelihood_same_as_hf(loaded, hf, manager, tmp_path):
     run = tmp_path / "rolling"
     ours = evaluate(actcap_lm(loaded, run), manager, "actcap_gsm8k_rolling", limit=4)

@@ -586,14 +586,25 @@ class ActcapLM(TemplateLM):  # type: ignore[misc]
         return ids.to(self.device), mask.to(self.device)
 
     def _kept_length(self, generated: Sequence[int], until: Sequence[str]) -> int:
-        """Generated tokens up to the one that ends the answer (a stop token or a stop string)."""
+        """Generated tokens up to the one that ends the answer (a stop token or a stop string).
+
+        The first stop string is found by bisection over decoded prefixes (a prefix that holds
+        one stays holding it as it grows), so a row costs a few decodes, not one per token.
+        """
         stops = {self.eot_token_id, *self.lm.stop_ids}
-        for k in range(1, len(generated) + 1):
-            if generated[k - 1] in stops or any(
-                s and s in self.tok_decode(generated[:k]) for s in until
-            ):
-                return k
-        return len(generated)
+        end = next((k + 1 for k, t in enumerate(generated) if t in stops), len(generated))
+
+        def stopped(k: int) -> bool:
+            text = self.tok_decode(generated[:k])
+            return any(s and s in text for s in until)
+
+        if not stopped(end):
+            return end
+        lo, hi = 1, end  # stopped(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+        return hi
 
     def _generation_record(
         self,
