@@ -456,3 +456,14 @@ def test_our_sources_take_lm_eval_task_spellings(tmp_path):
     assert mc.questions[0].choices and mc.questions == load_benchmark(f"truthfulqa:{tqa}").questions
     gen = load_benchmark(f"truthfulqa_gen:{tqa}")
     assert not gen.questions[0].choices
+
+
+def test_lm_eval_benchmark_smoke(tiny_model_dir, tmp_path):
+    from benchmarks import bench_lm_eval
+
+    figures = bench_lm_eval.main(
+        ["--model", str(tiny_model_dir), "--quick", "--tasks", "letters,gsm8k"]
+        + ["--threads", str(torch.get_num_threads()), "--json", str(tmp_path / "f.json")]
+    )
+    assert {f["task"] for f in figures} == {"actcap_mmlu_geography", "actcap_gsm8k_zero_shot"}
+    assert all(f["answers_equal_hf"] and f["qps"] > 0 for f in figures)
