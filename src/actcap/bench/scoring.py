@@ -254,7 +254,8 @@ def _loglik_shared_prefix(
     for name, counts in recorder.nonfinite.items():
         if len(counts) < 2:
             continue
-        shared_counts, tail_counts = counts[0][0].cpu(), counts[1].cpu()  # (prefix,), (batch, suffix)
+        # (prefix,) and (batch, suffix)
+        shared_counts, tail_counts = counts[0][0].cpu(), counts[1].cpu()
         for i, s in enumerate(suffixes):
             per_token = torch.cat([shared_counts, tail_counts[i, : len(s)]])
             if total := count_selected(per_token, spec.token_selection):
