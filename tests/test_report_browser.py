@@ -1,52 +1,20 @@
 """The HTML report in a real browser: headless Chromium, driven by Selenium."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
 from actcap.analysis import build_report
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.storage import open_run
+from tests.browser import chromium
 from tests.conftest import DATA, REPO
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (see .ci/run)")
-        pytest.skip(
-            "chromium / chromedriver not installed (apt-get install chromium chromium-driver)"
-        )
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1200,1600",
-    ):
-        opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    yield driver
-    driver.quit()
+    yield from chromium(tmp_path_factory.mktemp("chrome-profile"), "1200,1600")
 
 
 def test_report_renders_and_filters(browser, tiny_lm, tmp_path):

@@ -48,6 +48,21 @@ def parse_kinds(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+def capture_spec(kw: dict[str, Any]) -> Any:
+    """The ``CaptureSpec`` of an eval command's options, or None with ``--no-capture``."""
+    if kw["no_capture"]:
+        return None
+    from actcap.capture.spec import CaptureSpec
+
+    return CaptureSpec(
+        layers=parse_layers(kw["layers"]),
+        kinds=parse_kinds(kw["kinds"]),  # type: ignore[arg-type]
+        token_selection=kw["token_selection"],
+        dtype=kw["dtype"],
+        capture_generated=kw["capture_generated"],
+    )
+
+
 def human_bytes(n: float) -> str:
     """``1536`` -> ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -8,12 +8,11 @@ import click
 
 from actcap.cli.common import (
     apply_options,
+    capture_spec,
     device_option,
     dtype_option,
     layers_option,
     model_option,
-    parse_kinds,
-    parse_layers,
     parse_size,
     placement_kwargs,
     placement_options,
@@ -258,19 +257,10 @@ def run_eval(kw: dict[str, Any], out: str) -> None:
     """Load, answer, grade and store, then print the summary (the body of ``actcap eval``)."""
     from actcap.bench.runner import EvalOptions, run_benchmark
     from actcap.bench.sources import load_benchmark
-    from actcap.capture.spec import CaptureSpec
     from actcap.models.loading import load_model
 
     bench = load_benchmark(kw["benchmark"], parse_fields(kw["fields"]))
-    capture = None
-    if not kw["no_capture"]:
-        capture = CaptureSpec(
-            layers=parse_layers(kw["layers"]),
-            kinds=parse_kinds(kw["kinds"]),  # type: ignore[arg-type]
-            token_selection=kw["token_selection"],
-            dtype=kw["dtype"],
-            capture_generated=kw["capture_generated"],
-        )
+    capture = capture_spec(kw)
     options = EvalOptions(
         mode=kw["mode"],
         few_shot=kw["few_shot"],

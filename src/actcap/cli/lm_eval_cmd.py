@@ -14,8 +14,7 @@ from typing import Any
 import click
 
 from actcap.cli.common import (
-    parse_kinds,
-    parse_layers,
+    capture_spec,
     parse_size,
     placement_kwargs,
     reports_errors,
@@ -123,20 +122,11 @@ def _run(kw: dict[str, Any], names: list[str], out: str) -> None:
     from actcap.lm_eval import require_lm_eval
 
     require_lm_eval("actcap eval --task")  # before the model loads
-    from actcap.capture import CaptureSpec
     from actcap.cli.eval_cmd import report
     from actcap.lm_eval import run_tasks
     from actcap.models import load_model
 
-    capture = None
-    if not kw["no_capture"]:
-        capture = CaptureSpec(
-            layers=parse_layers(kw["layers"]),
-            kinds=parse_kinds(kw["kinds"]),  # type: ignore[arg-type]
-            token_selection=kw["token_selection"],
-            dtype=kw["dtype"],
-            capture_generated=kw["capture_generated"],
-        )
+    capture = capture_spec(kw)
     lm = load_model(kw["model"], **placement_kwargs(kw))
     result = run_tasks(
         lm,
