@@ -6,9 +6,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from torch import Tensor
 
-from actcap.analysis.sources import Skipped, iter_open, list_samples
+from actcap.analysis.sources import Skipped, iter_site_arrays, list_samples
 from actcap.errors import ActcapError, FormatError
 from actcap.storage.files import ActivationFile, site_sort_key
 from actcap.storage.format import SampleSource
@@ -193,22 +195,29 @@ def directory_summary(
 ) -> DirectorySummary:
     """Summarise every activation file of a run or folder, one file and one site at a time.
 
-    Memory stays bounded by one site of one file, whatever the number of files. A file that
-    cannot be read whole (corrupt, or a site without values) is skipped and counted, and none
-    of its sites enters the summary.
+    Memory stays bounded by the sites of one file, whatever the number of files (a sample in a
+    local shard is one read of an open shard). A file that cannot be read whole (corrupt, or a
+    site without values) is skipped and counted, and none of its sites enters the summary.
     """
     samples = list_samples(directory)
     skipped = Skipped.of(samples)
     overall: dict[str, _Running] = {}
     split: dict[str, dict[str, _Running]] = {"correct": {}, "incorrect": {}}
     n_files = n_graded = n_correct = 0
-    for ref, f in iter_open(samples, skipped):
-        try:
-            wanted = [s for s in (sites or f.sites) if s in f.sites]
-            part = {site: _Running.of(site_values(f, site)) for site in wanted}
-        except ActcapError as e:  # a corrupt data region, an empty site: skip the file
-            skipped.add(ref.path, str(e))
+    for ref, names, arrays in iter_site_arrays(samples, skipped, sites):
+        wanted = [s for s in (sites or names) if s in arrays]
+        empty = next((s for s in wanted if arrays[s].size == 0), None)
+        if empty is not None:  # a site without values: skip the whole file
+            skipped.add(
+                ref.path,
+                f"{ref.path}: site {empty!r} holds no values (shape "
+                f"{list(arrays[empty].shape)}); nothing to analyse.",
+            )
             continue
+        part = {
+            site: _Running.of(torch.from_numpy(np.array(arrays[site], dtype=np.float64)))
+            for site in wanted
+        }
         for site, running in part.items():
             overall.setdefault(site, _Running()).merge(running)
             if ref.correct is not None:
