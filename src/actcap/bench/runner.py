@@ -189,7 +189,7 @@ def versions() -> dict[str, str]:
 
 
 def summarize(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[Mapping[str, Any]],
 ) -> tuple[float, int, int, dict[str, dict[str, float]]]:
     """Accuracy overall and per category from manifest records."""
     graded = [r for r in records if r.get("correct") is not None]

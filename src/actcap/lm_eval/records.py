@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
+from actcap.bench.runner import summarize as summarize_records
 from actcap.errors import RunError
 
 RESERVED = frozenset(
@@ -235,28 +236,12 @@ def _attach_main(
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy over the graded documents, overall and per task (as ``results.json`` has it)."""
-    graded = [r for r in records if r.get("correct") is not None]
-    per_task: dict[str, list[bool]] = {}
-    for r in graded:
-        per_task.setdefault(str(r.get("task", "")), []).append(bool(r["correct"]))
-    right = sum(bool(r["correct"]) for r in graded)
-    return {
-        "accuracy": right / len(graded) if graded else 0.0,
-        "n": len(graded),
-        "n_correct": right,
-        "per_category": {
-            t: {"accuracy": sum(v) / len(v), "n": len(v), "n_correct": sum(v)}
-            for t, v in sorted(per_task.items())
-        },
-    }
+    """Accuracy over the graded documents, overall and per task (as ``results.json`` has it).
 
-
-def manifest_bytes(records: Iterable[Mapping[str, Any]]) -> bytes:
-    """Manifest lines for records, one JSON object a line (as the run writer writes them)."""
-    return b"".join(
-        (json.dumps(dict(r), ensure_ascii=False, default=str) + "\n").encode() for r in records
-    )
+    A document's category is its task, so this is the runner's own summary.
+    """
+    accuracy, n, right, per_task = summarize_records(records)
+    return {"accuracy": accuracy, "n": n, "n_correct": right, "per_category": per_task}
 
 
 def doc_order(record: Mapping[str, Any]) -> tuple[str, int, str]:

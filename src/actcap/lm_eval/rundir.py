@@ -12,11 +12,9 @@ under a temporary name, fsynced, renamed into place) with each document's metric
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,11 +22,10 @@ import torch
 from actcap.capture import CaptureSpec
 from actcap.lm_eval import records
 from actcap.lm_eval.engine import Row
-from actcap.storage import atomic_write_bytes, utc_now
+from actcap.storage import utc_now
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta
-from actcap.storage.run import MANIFEST, SHARD_BYTES
-from actcap.storage.writers import open_writer
+from actcap.storage.run import SHARD_BYTES, RunWriter
 
 RESULTS_KEPT = (
     "results",
@@ -61,7 +58,8 @@ class LmEvalRun:
         Raises:
             RunError: The run is locked, holds another run, or a resume differs in a setting.
         """
-        self.writer = open_writer(
+        # A local run only (its manifest is rewritten with the metrics at the end).
+        self.writer = RunWriter.open(
             out, config, resume=resume, storage=config["storage"], shard_bytes=shard_bytes
         )
         self.background = BackgroundWriter(self.writer)
@@ -145,7 +143,7 @@ class LmEvalRun:
             samples = {}
         lines = sorted((dict(e.record) for e in self.writer.done.values()), key=records.doc_order)
         records.attach_metrics(lines, samples, results.get("configs") or {}, doc_text)
-        atomic_write_bytes(Path(os.fspath(self.root)) / MANIFEST, records.manifest_bytes(lines))
+        self.writer.rewrite_manifest(lines)
         summary = self._results_json(lines, results)
         self.writer.write_results(summary)
         return summary

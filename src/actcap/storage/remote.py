@@ -32,6 +32,7 @@ from actcap.storage.run import (
     check_out_folder,
     check_run_config,
     damaged_samples,
+    manifest_bytes,
     manifest_line,
     manifest_names,
     merged_manifest,
@@ -159,11 +160,7 @@ class RemoteRunWriter:
             self._segments += 1
             segment = f"{self._path}/{MANIFESTS}/{self.writer_id}-{self._segments:05d}.jsonl"
             self._fs.makedirs(f"{self._path}/{MANIFESTS}", exist_ok=True)
-            data = b"".join(
-                (json.dumps(p, ensure_ascii=False, default=str) + "\n").encode()
-                for p in self._pending
-            )
-            self._fs.pipe_file(segment, data)
+            self._fs.pipe_file(segment, manifest_bytes(self._pending))
         except OSError as e:
             raise RunError(f"{self.root}: cannot seal a shard ({e}).") from e
         for p in self._pending:

@@ -36,7 +36,7 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -369,10 +369,14 @@ def merged_manifest(
     by_id = {e.id: e for e in entries}
     ordered = [by_id.pop(i) for i in order or () if i in by_id]
     ordered += [e for e in entries if e.id in by_id]
-    data = b"".join(
-        (json.dumps(e.record, ensure_ascii=False, default=str) + "\n").encode() for e in ordered
+    return ordered, manifest_bytes(e.record for e in ordered)
+
+
+def manifest_bytes(records: Iterable[Mapping[str, Any]]) -> bytes:
+    """Manifest lines of records: one JSON object a line, as every writer appends them."""
+    return b"".join(
+        (json.dumps(dict(r), ensure_ascii=False, default=str) + "\n").encode() for r in records
     )
-    return ordered, data
 
 
 class DoneIndex:
@@ -800,6 +804,26 @@ class RunWriter:
         self._manifest = self._open_manifest()
         self.done = {e.id: e for e in ordered}
         return len(ordered)
+
+    def rewrite_manifest(self, lines: Sequence[Mapping[str, Any]]) -> None:
+        """Replace ``manifest.jsonl`` with ``lines`` (the same samples, records updated).
+
+        For records completed after the samples were written (lm-eval's metrics): the manifest
+        is written whole and renamed into place through the run's folder descriptors.
+        """
+        if self._lock_fd < 0:
+            raise RunError(f"{self.root}: only the run's main writer rewrites the manifest.")
+        if self._manifest is not None:
+            with contextlib.suppress(OSError):
+                self._manifest.close()
+        _replace_manifest(self.dirs, manifest_bytes(lines))
+        self._manifest = self._open_manifest()
+        self.done = {
+            str(r["id"]): ManifestEntry(
+                str(r["id"]), r.get("file") if isinstance(r.get("file"), str) else None, dict(r)
+            )
+            for r in lines
+        }
 
     def write_results(self, results: Mapping[str, Any]) -> str:
         """Write ``results.json`` atomically."""
