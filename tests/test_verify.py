@@ -284,3 +284,14 @@ def test_report_shows_the_verdict_red_when_it_failed(tiny_lm, tmp_path):
     page = build_report(out, tmp_path / "bad.html").read_text()
     assert "<p class='bad' id='verification'>Verification FAILED: 1 of 4 samples" in page
     assert "layer_1: relative difference" in page
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b'{"a":' * 100_000])
+def test_recording_into_an_unreadable_results_json_is_a_one_line_error(tmp_path, content):
+    from actcap.bench.verify import record_verification
+    from actcap.errors import FormatError
+
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(FormatError, match="results.json"):
+        record_verification(tmp_path, {"passed": True})
+    assert (tmp_path / "results.json").read_bytes() == content

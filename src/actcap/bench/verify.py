@@ -706,13 +706,22 @@ def record_verification(root: PathOrUrl, verification: Mapping[str, Any]) -> str
 
     Returns:
         The file written, or None when the run has no ``results.json`` (unfinished).
+
+    Raises:
+        FormatError: When ``results.json`` is unreadable or not an object (left as it is).
     """
     text = str(root)
     target = join(text, RESULTS)
     try:
-        results = json.loads(read_bytes(target))
+        raw = read_bytes(target)
     except FormatError:
         return None
+    try:
+        results = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{target}: unreadable ({e}); the verdict was not recorded.") from e
+    if not isinstance(results, dict):
+        raise FormatError(f"{target}: not a JSON object; the verdict was not recorded.")
     results["verification"] = dict(verification)
     data = json.dumps(results, indent=2, ensure_ascii=False).encode()
     if is_url(text):
