@@ -1,0 +1,101 @@
+"""Running statistics over every token (``--stats``): exact against numpy, mergeable, stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actcap.capture.stats import N_NORM_BINS, NORM_EDGES, SiteStats
+
+
+def _padded_batches(seed: int = 0, hidden: int = 12) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Left-padded random batches with different row lengths; padding holds huge junk values."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch, seq in [(3, 7), (2, 5), (4, 9)]:
+        x = torch.randn(batch, seq, hidden, generator=g) * 3 + 1
+        lengths = torch.randint(1, seq + 1, (batch,), generator=g)
+        mask = torch.arange(seq)[None, :] >= (seq - lengths)[:, None]
+        x[~mask] = 1e6  # padding must never count
+        out.append((x, mask))
+    return out
+
+
+def _feed(stats: SiteStats, batches: list[tuple[torch.Tensor, torch.Tensor]], first: int) -> int:
+    sample = first
+    for x, mask in batches:
+        ids = torch.arange(sample, sample + x.shape[0])
+        stats.update(x, mask, ids)
+        sample += x.shape[0]
+    return sample
+
+
+def _rows(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    return np.concatenate([x[m].double().numpy() for x, m in batches])
+
+
+def test_stats_exact_against_numpy_with_padding() -> None:
+    batches = _padded_batches()
+    stats = SiteStats(12, k=5)
+    _feed(stats, batches, 0)
+    rows = _rows(batches)
+    assert int(stats.count) == len(rows)
+    np.testing.assert_allclose(stats.mean.numpy(), rows.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.variance.numpy(), rows.var(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.max_abs.numpy(), np.abs(rows).max(0))
+    norms = np.linalg.norm(rows, axis=1)
+    np.testing.assert_allclose(float(stats.norm_sum), norms.sum(), rtol=1e-12)
+    expected_hist = np.bincount(
+        np.searchsorted(np.array(NORM_EDGES), norms, side="right"), minlength=N_NORM_BINS
+    )
+    assert stats.norm_hist.tolist() == expected_hist.tolist()
+
+
+def test_top_k_values_and_their_places() -> None:
+    batches = _padded_batches(seed=3)
+    stats = SiteStats(12, k=4)
+    _feed(stats, batches, 100)
+    top = stats.finished()
+    # Every (sample, position, dim, value) of the real tokens, largest magnitude first.
+    places = []
+    sample = 100
+    for x, mask in batches:
+        for b in range(x.shape[0]):
+            real = x[b][mask[b]]
+            for pos in range(real.shape[0]):
+                for d in range(real.shape[1]):
+                    places.append(
+                        (abs(float(real[pos, d])), sample + b, pos, d, float(real[pos, d]))
+                    )
+        sample += x.shape[0]
+    places.sort(reverse=True)
+    assert top.top_sample.tolist() == [p[1] for p in places[:4]]
+    assert top.top_position.tolist() == [p[2] for p in places[:4]]
+    assert top.top_dim.tolist() == [p[3] for p in places[:4]]
+    np.testing.assert_allclose(top.top_value.numpy(), [p[4] for p in places[:4]])
+
+
+def test_merge_equals_one_pass() -> None:
+    batches = _padded_batches(seed=1) + _padded_batches(seed=2)
+    whole = SiteStats(12)
+    _feed(whole, batches, 0)
+    first, second = SiteStats(12), SiteStats(12)
+    n = _feed(first, batches[:2], 0)
+    _feed(second, batches[2:], n)
+    merged = first.merge(SiteStats.from_tensors(second.to_tensors()))
+    for name, value in whole.finished().to_tensors().items():
+        got = merged.finished().to_tensors()[name]
+        np.testing.assert_allclose(got.numpy(), value.numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_fewer_tokens_than_k_and_an_empty_batch() -> None:
+    stats = SiteStats(3, k=16)
+    x = torch.tensor([[[1.0, -5.0, 2.0], [9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[True, False]])
+    stats.update(x, mask, torch.tensor([7]))
+    stats.update(x, torch.zeros_like(mask), torch.tensor([8]))
+    top = stats.finished()
+    assert int(top.count) == 1
+    assert top.top_value.tolist() == [-5.0, 2.0, 1.0]
+    assert top.top_sample.tolist() == [7, 7, 7]
+    np.testing.assert_allclose(top.variance.numpy(), [0, 0, 0])
