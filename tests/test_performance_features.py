@@ -10,6 +10,7 @@ from actcap.capture.hooks import Site, deepest_block
 from actcap.errors import RunError
 from actcap.storage import RunWriter, SampleMeta, load_activations, open_run
 from actcap.storage.background import BackgroundWriter
+from actcap.storage.records import FinishedSample
 
 PROMPTS = ["What is the capital of France?", "2 + 2 = ?", "the quick brown fox"]
 
@@ -62,20 +63,19 @@ def test_early_stop_not_used_for_final_norm(tiny_lm):
 
 
 def sample(i):
-    return (
+    return FinishedSample(
         f"q{i}",
         {"response": str(i)},
         {"layer_0": torch.full((2, 4), float(i))},
         SampleMeta(f"p{i}"),
-    ), {}
+    )
 
 
 def test_background_writer_keeps_order_and_files(tmp_path):
     with RunWriter.open(tmp_path / "r", {"model": "m"}) as w:
         bg = BackgroundWriter(w, max_queue=2)
         for i in range(10):
-            args, kw = sample(i)
-            bg.submit(*args, **kw)
+            bg.submit(sample(i))
         bg.close()
         assert bg.written == 10
     info = open_run(tmp_path / "r")
@@ -86,38 +86,36 @@ def test_background_writer_keeps_order_and_files(tmp_path):
 
 def test_background_writer_measures_waiting_on_a_slow_disk(tmp_path, monkeypatch):
     with RunWriter.open(tmp_path / "r", {"model": "m"}) as w:
-        real = w.write_sample
+        real = w.write
 
         def slow(*a, **k):
             time.sleep(0.05)
             return real(*a, **k)
 
-        monkeypatch.setattr(w, "write_sample", slow)
+        monkeypatch.setattr(w, "write", slow)
         bg = BackgroundWriter(w, max_queue=1)
         for i in range(6):
-            args, kw = sample(i)
-            bg.submit(*args, **kw)
+            bg.submit(sample(i))
         bg.close()
     assert bg.blocked_seconds > 0.05
 
 
 def test_background_writer_raises_the_workers_error_and_writes_nothing_after(tmp_path, monkeypatch):
     with RunWriter.open(tmp_path / "r", {"model": "m"}) as w:
-        real = w.write_sample
+        real = w.write
         seen = []
 
-        def failing(sample_id, *a, **k):
-            seen.append(sample_id)
-            if sample_id == "q2":
+        def failing(item):
+            seen.append(item.id)
+            if item.id == "q2":
                 raise RunError("disk full")
-            return real(sample_id, *a, **k)
+            return real(item)
 
-        monkeypatch.setattr(w, "write_sample", failing)
+        monkeypatch.setattr(w, "write", failing)
         bg = BackgroundWriter(w, max_queue=8)
         with pytest.raises(RunError, match="disk full"):
             for i in range(6):
-                args, kw = sample(i)
-                bg.submit(*args, **kw)
+                bg.submit(sample(i))
             bg.close()
         bg.close()  # idempotent once the error is out
     assert [e.id for e in open_run(tmp_path / "r").entries] == ["q0", "q1"]

@@ -32,10 +32,10 @@ from actcap.bench.runner import (
     Planned,
     answer_batch,
     finish_run,
+    finished_sample,
     plan_questions,
     run_config,
     run_sites,
-    write_args,
 )
 from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
@@ -136,8 +136,9 @@ class EvalActor:
         for q, a, record in answer_batch(
             self.lm, self.bench, todo, self.capture, self.sites, self.options
         ):
-            args, kwargs = write_args(self.lm.display_name, self.bench, q, a, record, self.capture)
-            self.writer.write_sample(*args, **kwargs)
+            self.writer.write(
+                finished_sample(self.lm.display_name, self.bench, q, a, record, self.capture)
+            )
             written.add(q.id)
         self.writer.flush()
         return {"id": np.array(ids), "written": np.array([i in written for i in ids])}

@@ -40,6 +40,7 @@ from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
+from actcap.storage.records import FinishedSample
 from actcap.storage.run import SHARD_BYTES, ManifestEntry, Storage, resolve_storage
 from actcap.storage.writers import SampleWriter, open_writer
 
@@ -466,11 +467,11 @@ def run_benchmark(
             for q, a, record in answer_batch(lm, bench, batch, capture, sites, options):
                 records[q.id] = record
                 if writer is not None:
-                    args, kwargs = write_args(lm.display_name, bench, q, a, record, capture)
+                    sample = finished_sample(lm.display_name, bench, q, a, record, capture)
                     if background is not None:
-                        background.submit(*args, **kwargs)
+                        background.submit(sample)
                     else:
-                        entry = writer.write_sample(*args, **kwargs)
+                        entry = writer.write(sample)
                         if on_sample is not None:
                             on_sample(entry)
                 if bar is not None:
@@ -544,17 +545,17 @@ def _grade_and_record(
     }
 
 
-def write_args(
+def finished_sample(
     model_name: str,
     bench: Benchmark,
     q: Question,
     a: Answer,
     record: dict[str, Any],
     capture: CaptureSpec | None,
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments of ``write_sample`` for one answered question."""
+) -> FinishedSample:
+    """One answered question as the run writer takes it."""
     if capture is None:
-        return (q.id, record), {}
+        return FinishedSample(q.id, record)
     meta = SampleMeta(
         prompt=a.prompt,
         response=a.response,
@@ -574,7 +575,4 @@ def write_args(
             **({"nonfinite": record["nonfinite"]} if record.get("nonfinite") else {}),
         },
     )
-    return (q.id, record, a.activations, meta), {
-        "input_ids": a.input_ids,
-        "output_ids": a.output_ids,
-    }
+    return FinishedSample(q.id, record, a.activations, meta, a.input_ids, a.output_ids)

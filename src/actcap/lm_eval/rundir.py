@@ -25,6 +25,7 @@ from actcap.lm_eval.engine import Row
 from actcap.storage import utc_now
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta
+from actcap.storage.records import FinishedSample
 from actcap.storage.run import SHARD_BYTES, RunWriter
 
 RESULTS_KEPT = (
@@ -93,7 +94,7 @@ class LmEvalRun:
             record["nonfinite"] = row.nonfinite
         self.answered += 1
         if self.capture is None:
-            self.background.submit(sample_id, record)
+            self.background.submit(FinishedSample(sample_id, record))
             return
         meta = SampleMeta(
             prompt=str(record["prompt"]),
@@ -109,12 +110,9 @@ class LmEvalRun:
             },
         )
         self.background.submit(
-            sample_id,
-            record,
-            row.activations,
-            meta,
-            input_ids=row.input_ids.to(torch.long),
-            output_ids=output_ids,
+            FinishedSample(
+                sample_id, record, row.activations, meta, row.input_ids.to(torch.long), output_ids
+            )
         )
 
     def timed(self, t0: float) -> None:

@@ -8,6 +8,7 @@ from actcap.storage.files import (
     save_activations,
 )
 from actcap.storage.format import FORMAT_NAME, FORMAT_VERSION, SUFFIX, SampleMeta, utc_now
+from actcap.storage.records import FinishedSample, ManifestLine
 from actcap.storage.run import (
     ManifestEntry,
     RunInfo,
@@ -22,7 +23,9 @@ __all__ = [
     "FORMAT_VERSION",
     "SUFFIX",
     "ActivationFile",
+    "FinishedSample",
     "ManifestEntry",
+    "ManifestLine",
     "RunInfo",
     "RunWriter",
     "SampleMeta",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from actcap.storage.records import FinishedSample
 from actcap.storage.run import ManifestEntry
 from actcap.storage.writers import SampleWriter
 
@@ -21,7 +22,7 @@ _STOP = object()
 
 
 class BackgroundWriter:
-    """Run :meth:`RunWriter.write_sample` calls in a worker thread, in submission order."""
+    """Run a writer's :meth:`~actcap.storage.run.RunWriter.write` calls in a worker thread, in order."""
 
     def __init__(
         self,
@@ -55,8 +56,7 @@ class BackgroundWriter:
                     return
                 if self._error is not None:
                     continue  # drain: after a failure nothing more is written
-                args, kwargs = item
-                entry = self.writer.write_sample(*args, **kwargs)
+                entry = self.writer.write(item)
                 self.written += 1
                 if self.on_written is not None:
                     self.on_written(entry)
@@ -70,10 +70,9 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise error
 
-    def submit(self, *args: Any, **kwargs: Any) -> None:
-        """Queue one ``write_sample`` call (blocks while the queue is full)."""
+    def submit(self, item: FinishedSample) -> None:
+        """Queue one sample to write (blocks while the queue is full)."""
         self._raise_pending()
-        item = (args, kwargs)
         try:
             self._queue.put_nowait(item)
         except queue.Full:

@@ -21,6 +21,7 @@ from actcap.errors import RunError
 from actcap.storage.files import encode_sample
 from actcap.storage.format import SampleMeta
 from actcap.storage.location import join, url_fs
+from actcap.storage.records import FinishedSample
 from actcap.storage.run import (
     MANIFEST,
     MANIFESTS,
@@ -111,11 +112,20 @@ class RemoteRunWriter:
         input_ids: Tensor | None = None,
         output_ids: Tensor | None = None,
     ) -> ManifestEntry:
+        """Shorthand for :meth:`write` of a :class:`FinishedSample` built from the arguments."""
+        return self.write(
+            FinishedSample(sample_id, record, activations, meta, input_ids, output_ids)
+        )
+
+    def write(self, sample: FinishedSample) -> ManifestEntry:
         """Add a sample to the open shard; it is done once the shard is sealed (:meth:`flush`).
 
         Raises:
             RunError: When the sample is already done or the object cannot be written.
         """
+        sample_id, record = sample.id, sample.record
+        activations, meta = sample.activations, sample.meta
+        input_ids, output_ids = sample.input_ids, sample.output_ids
         if self.is_done(sample_id):
             raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
         rel: str | None = None

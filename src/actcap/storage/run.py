@@ -61,6 +61,7 @@ from actcap.storage.location import (
     read_bytes,
     url_fs,
 )
+from actcap.storage.records import FinishedSample
 from actcap.storage.safety import (
     NOFOLLOW,
     TEMP_PATTERN,
@@ -698,11 +699,20 @@ class RunWriter:
         input_ids: Tensor | None = None,
         output_ids: Tensor | None = None,
     ) -> ManifestEntry:
+        """Shorthand for :meth:`write` of a :class:`FinishedSample` built from the arguments."""
+        return self.write(
+            FinishedSample(sample_id, record, activations, meta, input_ids, output_ids)
+        )
+
+    def write(self, sample: FinishedSample) -> ManifestEntry:
         """Write a sample's activations (a file, or bytes in a shard), then its manifest line.
 
         Raises:
             RunError: When the sample is already done, or the disk is full or unwritable.
         """
+        sample_id, record = sample.id, sample.record
+        activations, meta = sample.activations, sample.meta
+        input_ids, output_ids = sample.input_ids, sample.output_ids
         if sample_id in self.done:
             raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
         rel: str | None = None

@@ -6,11 +6,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
-from torch import Tensor
-
 from actcap.errors import RunError
-from actcap.storage.format import SampleMeta
 from actcap.storage.location import PathOrUrl, is_url
+from actcap.storage.records import FinishedSample
 from actcap.storage.run import SHARD_BYTES, ManifestEntry, RunWriter
 
 
@@ -22,16 +20,7 @@ class SampleWriter(Protocol):
     writer_id: str
     done: dict[str, ManifestEntry]
 
-    def write_sample(
-        self,
-        sample_id: str,
-        record: Mapping[str, Any],
-        activations: Mapping[str, Tensor] | None = None,
-        meta: SampleMeta | None = None,
-        *,
-        input_ids: Tensor | None = None,
-        output_ids: Tensor | None = None,
-    ) -> ManifestEntry:
+    def write(self, sample: FinishedSample) -> ManifestEntry:
         """Write one sample."""
         ...
 
