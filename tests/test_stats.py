@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from actcap.capture.stats import N_NORM_BINS, NORM_EDGES, SiteStats
@@ -99,3 +100,86 @@ def test_fewer_tokens_than_k_and_an_empty_batch() -> None:
     assert top.top_value.tolist() == [-5.0, 2.0, 1.0]
     assert top.top_sample.tolist() == [7, 7, 7]
     np.testing.assert_allclose(top.variance.numpy(), [0, 0, 0])
+
+
+def _numpy_stats(rows: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    data = np.concatenate([r.double().numpy() for r in rows])
+    return {
+        "count": np.array(len(data)),
+        "mean": data.mean(0),
+        "variance": data.var(0),
+        "max_abs": np.abs(data).max(0),
+        "norm_sum": np.linalg.norm(data, axis=1).sum(),
+    }
+
+
+def _assert_matches(stats: SiteStats, expected: dict[str, np.ndarray]) -> None:
+    assert int(stats.count) == int(expected["count"])
+    got = {
+        "mean": stats.mean,
+        "variance": stats.variance,
+        "max_abs": stats.max_abs,
+        "norm_sum": stats.norm_sum,
+    }
+    for name, value in got.items():
+        np.testing.assert_allclose(
+            value.numpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+SITES = ["embeddings", 0, -1]
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_capture_stats_cover_every_token_under_last(tiny_lm, generate: bool) -> None:
+    from actcap.capture import resolve_sites
+    from actcap.capture.collect import GenerationOptions, run_prompts
+    from actcap.capture.spec import CaptureSpec
+    from actcap.capture.stats import StatsCollector
+
+    prompts = ["The cat sat on the mat", "Hi", "A much longer prompt with many more words in it"]
+    gen = GenerationOptions(max_new_tokens=5, min_new_tokens=2) if generate else None
+    full = CaptureSpec(layers=SITES, token_selection="all", capture_generated=generate)
+    sites = resolve_sites(tiny_lm.model, tiny_lm.layout, full.layers)
+    stored = run_prompts(tiny_lm, prompts, full, generation=gen, batch_size=3, sites=sites)
+    collector = StatsCollector([s.name for s in sites], k=4)
+    last = CaptureSpec(layers=SITES, token_selection="last", capture_generated=generate)
+    kept = run_prompts(
+        tiny_lm, prompts, last, generation=gen, batch_size=2, sites=sites, stats=collector
+    )
+    assert kept[0].activations["layer_0"].dim() == 1  # still only the last token stored
+    for name, stats in collector.finished().items():
+        rows = [s.activations[name] for s in stored]
+        _assert_matches(stats, _numpy_stats(rows))
+        # The largest activation is where the full run has it.
+        sample, pos, dim = (
+            int(stats.top_sample[0]),
+            int(stats.top_position[0]),
+            int(stats.top_dim[0]),
+        )
+        assert float(rows[sample][pos, dim]) == pytest.approx(float(stats.top_value[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_loglik_stats_count_a_shared_prefix_once_per_prompt(tiny_lm, prefix_cache: bool) -> None:
+    from actcap.bench import load_benchmark
+    from actcap.bench.prompts import build_prompt
+    from actcap.bench.scoring import answer_loglik
+    from actcap.capture import resolve_sites
+    from actcap.capture.spec import CaptureSpec
+    from actcap.capture.stats import StatsCollector
+    from tests.conftest import DATA
+
+    bench = load_benchmark(
+        f"mmlu:{DATA / 'mmlu' / 'test' / 'high_school_geography_test.csv'}"
+    ).limited(5)
+    qs = bench.questions
+    prompts = [build_prompt(tiny_lm.tokenizer, q, bench.shots_for(q, 3), "loglik") for q in qs]
+    full = CaptureSpec(layers=SITES, token_selection="all")
+    sites = resolve_sites(tiny_lm.model, tiny_lm.layout, full.layers)
+    stored = answer_loglik(tiny_lm, qs, prompts, full, sites, 5, prefix_cache=False)
+    collector = StatsCollector([s.name for s in sites])
+    last = CaptureSpec(layers=SITES, token_selection="last")
+    answer_loglik(tiny_lm, qs, prompts, last, sites, 5, prefix_cache=prefix_cache, stats=collector)
+    for name, stats in collector.finished().items():
+        _assert_matches(stats, _numpy_stats([a.activations[name] for a in stored]))

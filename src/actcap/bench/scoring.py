@@ -17,6 +17,7 @@ from actcap.bench.questions import LETTERS, Question
 from actcap.capture.collect import (
     GenerationOptions,
     accepts_argument,
+    begin_stats_batch,
     count_selected,
     encode,
     forward_kwargs,
@@ -29,6 +30,7 @@ from actcap.capture.collect import (
 from actcap.capture.hooks import Recorder, recording
 from actcap.capture.sites import Site
 from actcap.capture.spec import CaptureSpec
+from actcap.capture.stats import ChunkPlan, StatsCollector
 from actcap.models.loading import LoadedModel
 
 ChoiceFormat = Literal["letter", "text"]
@@ -61,10 +63,11 @@ def answer_generate(
     sites: Sequence[Site],
     generation: GenerationOptions,
     batch_size: int,
+    stats: StatsCollector | None = None,
 ) -> list[Answer]:
     """Generate answers (greedy by default), capturing ``sites`` (none for evaluation only)."""
     samples = run_prompts(
-        lm, prompts, spec, generation=generation, batch_size=batch_size, sites=sites
+        lm, prompts, spec, generation=generation, batch_size=batch_size, sites=sites, stats=stats
     )
     return [
         Answer(s.prompt, s.response, s.input_ids, s.activations, s.output_ids, None, s.nonfinite)
@@ -87,6 +90,7 @@ def answer_loglik(
     batch_size: int,
     choice_format: ChoiceFormat = "letter",
     prefix_cache: bool = True,
+    stats: StatsCollector | None = None,
 ) -> list[Answer]:
     """Score each choice's log-likelihood after the prompt and pick the most likely.
 
@@ -96,7 +100,8 @@ def answer_loglik(
 
     With ``prefix_cache``, a batch whose prompts share a long token prefix (the few-shot examples
     of one subject) runs that prefix once and only each question's own tokens after it, reusing
-    the prefix's key-value cache. Results and activations equal the plain path's.
+    the prefix's key-value cache. Results and activations equal the plain path's, and so do
+    ``stats`` (the prefix's tokens count once per prompt, as if each prompt had run alone).
     """
     answers: list[Answer] = []
     for start in range(0, len(prompts), batch_size):
@@ -107,14 +112,16 @@ def answer_loglik(
             n_choices = max(len(q.choices or ()) for q in qs)
             letter_ids = _single_token_ids(lm, [f" {LETTERS[i]}" for i in range(n_choices)])
         cached = (
-            _loglik_shared_prefix(lm, qs, ps, spec, sites, letter_ids)
+            _loglik_shared_prefix(lm, qs, ps, spec, sites, letter_ids, stats)
             if prefix_cache and letter_ids
             else None
         )
         answers.extend(
             cached
             if cached is not None
-            else _loglik_batch(lm, qs, ps, spec, sites, letter_ids, choice_format, batch_size)
+            else _loglik_batch(
+                lm, qs, ps, spec, sites, letter_ids, choice_format, batch_size, stats
+            )
         )
     return answers
 
@@ -142,11 +149,13 @@ def _loglik_batch(
     letter_ids: list[int] | None,
     choice_format: ChoiceFormat,
     batch_size: int,
+    stats: StatsCollector | None = None,
 ) -> list[Answer]:
-    recorder = make_recorder(lm, spec, sites, generating=False)
+    recorder = make_recorder(lm, spec, sites, generating=False, stats=stats)
     recorder.batch_size = len(ps)
     with recording(lm.model, recorder):
         batch = encode(lm, ps)
+        begin_stats_batch(stats, batch["attention_mask"])
         if letter_ids is not None:
             kwargs = forward_kwargs(lm.model, batch)
             if accepts_argument(lm.model, "logits_to_keep"):
@@ -182,6 +191,7 @@ def _loglik_shared_prefix(
     spec: CaptureSpec,
     sites: Sequence[Site],
     letter_ids: list[int],
+    stats: StatsCollector | None = None,
 ) -> list[Answer] | None:
     """The letter scoring of :func:`answer_loglik` with the batch's common prefix run once.
 
@@ -198,7 +208,9 @@ def _loglik_shared_prefix(
     device = lm.device
     base = getattr(lm.model, "base_model", lm.model)
     # Keep every chunk: (1, prefix, hidden) once, then (batch, suffix, hidden), right padded.
-    recorder = Recorder(sites, dtype=spec.torch_dtype, device=spec.offload_device, max_steps=2)
+    recorder = Recorder(
+        sites, dtype=spec.torch_dtype, device=spec.offload_device, max_steps=2, stats=stats
+    )
     suffixes = [r[n_prefix:] for r in rows]
     width = max(len(s) for s in suffixes)
     pad = lm.tokenizer.pad_token_id or 0
@@ -207,6 +219,24 @@ def _loglik_shared_prefix(
         [[1] * len(s) + [0] * (width - len(s)) for s in suffixes], device=device
     )
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    if stats is not None:
+        samples = stats.new_samples(len(ps), device)
+        prefix_positions = torch.arange(n_prefix, device=device).expand(len(ps), -1)
+        stats.begin_batch(
+            [
+                ChunkPlan(
+                    torch.ones_like(prefix_positions, dtype=torch.bool),
+                    samples,
+                    prefix_positions,
+                    shared=True,
+                ),
+                ChunkPlan(
+                    suffix_mask.bool(),
+                    samples,
+                    n_prefix + torch.arange(width, device=device).expand(len(ps), -1),
+                ),
+            ]
+        )
     with recording(lm.model, recorder):
         recorder.batch_size = 1
         prefix = torch.tensor([rows[0][:n_prefix]], device=device)

@@ -19,6 +19,7 @@ from torch import Tensor
 from actcap.capture.hooks import Recorder, StopForward, deepest_block, recording, stop_after
 from actcap.capture.sites import Site, resolve_sites
 from actcap.capture.spec import CaptureSpec, TokenSelection
+from actcap.capture.stats import ChunkPlan, StatsCollector
 from actcap.errors import CaptureError
 from actcap.models.loading import LoadedModel
 
@@ -78,6 +79,13 @@ def encode(
     return {k: v.to(lm.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
+def begin_stats_batch(stats: StatsCollector | None, attention_mask: Tensor) -> None:
+    """Tell ``stats`` a left-padded batch begins: its real tokens count, each its own sample."""
+    if stats is not None:
+        samples = stats.new_samples(attention_mask.shape[0], attention_mask.device)
+        stats.begin_batch([ChunkPlan(attention_mask.bool(), samples)])
+
+
 def position_ids_for(attention_mask: Tensor) -> Tensor:
     """Positions that count only real tokens, so a left-padded row matches the prompt alone."""
     positions = attention_mask.long().cumsum(-1) - 1
@@ -114,7 +122,12 @@ def forward_kwargs(module: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
 
 
 def make_recorder(
-    lm: LoadedModel, spec: CaptureSpec, sites: Sequence[Site], *, generating: bool
+    lm: LoadedModel,
+    spec: CaptureSpec,
+    sites: Sequence[Site],
+    *,
+    generating: bool,
+    stats: StatsCollector | None = None,
 ) -> Recorder:
     """A recorder configured for ``spec``: prefill only unless generated tokens are wanted."""
     keep_steps = spec.capture_generated and generating
@@ -124,6 +137,7 @@ def make_recorder(
         device=spec.offload_device,
         last_token_only=spec.token_selection == "last" and not keep_steps,
         max_steps=None if keep_steps else 1,
+        stats=stats,
     )
 
 
@@ -241,6 +255,7 @@ def run_prompts(
     batch_size: int = 8,
     sites: Sequence[Site] | None = None,
     early_stop: bool = True,
+    stats: StatsCollector | None = None,
 ) -> list[CapturedSample]:
     """Capture activations for formatted prompts, generating an answer for each when asked.
 
@@ -254,6 +269,8 @@ def run_prompts(
         sites: Pre-resolved sites; resolved from ``spec`` when None.
         early_stop: Without generation, end each forward pass after the deepest decoder block
             holding a wanted site (layers past it are never computed).
+        stats: Accumulates statistics over every token read (prompt tokens, and the generated
+            tokens read when ``spec.capture_generated``), whatever the token selection.
 
     Returns:
         One sample per prompt, in order.
@@ -265,7 +282,7 @@ def run_prompts(
         if sites is not None
         else resolve_sites(lm.model, lm.layout, spec.layers, spec.kinds)
     )
-    recorder = make_recorder(lm, spec, sites, generating=generation is not None)
+    recorder = make_recorder(lm, spec, sites, generating=generation is not None, stats=stats)
     results: list[CapturedSample] = []
     blocks = lm.layout.blocks
     stop_index = deepest_block(sites, [lm.layout.block_path(i) for i in range(len(blocks))])
@@ -284,6 +301,7 @@ def run_prompts(
             recorder.reset()
             recorder.batch_size = len(chunk)
             batch = encode(lm, chunk)
+            begin_stats_batch(stats, batch["attention_mask"])
             if generation is None:
                 base = getattr(lm.model, "base_model", lm.model)
                 with suppress(StopForward):
@@ -328,6 +346,8 @@ def _generate_batch(
         for row in sequences
     ]
     lengths = [len(g) for g in generated]
+    if recorder.stats is not None:
+        recorder.stats.finish_generated(batch["attention_mask"].sum(dim=1), lengths)
     per_sample = split_samples(recorder, batch["attention_mask"], spec, lengths)
     nonfinite = split_nonfinite(recorder, batch["attention_mask"], spec, lengths)
     out = []

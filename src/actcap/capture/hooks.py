@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from actcap.capture.sites import Site
+from actcap.capture.stats import StatsCollector
+from actcap.errors import UnrecordableSiteError
 
 
 class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -74,8 +76,12 @@ def nonfinite_after_cast(t: Tensor) -> Tensor:
     return (~(t.abs() < FLOAT16_OVERFLOW)).sum(dim=-1, dtype=torch.int32)
 
 
-def _first_tensor(value: Any) -> Tensor:
-    """Normalise module outputs: a tensor, or a tuple/list/ModelOutput whose first item is one."""
+def _first_tensor(value: Any, site: Site) -> Tensor:
+    """Normalise module outputs: a tensor, or a tuple/list/ModelOutput whose first item is one.
+
+    Raises:
+        UnrecordableSiteError: When ``value`` holds no tensor to record.
+    """
     if isinstance(value, Tensor):
         return value
     if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
@@ -83,7 +89,11 @@ def _first_tensor(value: Any) -> Tensor:
     first = getattr(value, "last_hidden_state", None)
     if isinstance(first, Tensor):
         return first
-    raise TypeError(f"Cannot record a module output of type {type(value).__name__}")
+    raise UnrecordableSiteError(
+        f"site {site.name}: the module {site.module_path} outputs a {type(value).__name__}, "
+        "not a tensor, so there is nothing to record; capture a site whose module outputs a "
+        "tensor (a layer_<i> name, or another module path)."
+    )
 
 
 class Recorder:
@@ -101,6 +111,7 @@ class Recorder:
         device: str | torch.device = "cpu",
         last_token_only: bool = False,
         max_steps: int | None = None,
+        stats: StatsCollector | None = None,
     ) -> None:
         """Create an empty recorder.
 
@@ -111,12 +122,15 @@ class Recorder:
             last_token_only: Keep only the last position of each chunk (valid for left-padded
                 batches, where the last position is a real token in every row).
             max_steps: Record at most this many forward passes per site (1 = prefill only).
+            stats: Fed every recorded chunk in full (all its tokens, before ``last_token_only``
+                cuts it), on the activation's own device.
         """
         self.sites = list(sites)
         self.dtype = dtype
         self.device = torch.device(device)
         self.last_token_only = last_token_only
         self.max_steps = max_steps
+        self.stats = stats
         self.chunks: dict[str, list[Tensor]] = {s.name: [] for s in self.sites}
         self.count_nonfinite = dtype == torch.float16
         """Whether the cast can overflow (float16 storage), so stored inf/nan are counted."""
@@ -144,6 +158,8 @@ class Recorder:
             # (batch*seq, hidden) from a module that flattens, or (seq, hidden) without a batch.
             rows = self.batch_size or 1
             t = t.reshape(rows, -1, t.shape[-1]) if t.shape[0] % rows == 0 else t.unsqueeze(0)
+        if self.stats is not None:
+            self.stats.observe(name, len(chunks), t)
         if self.last_token_only:
             t = t[:, -1:]
         if self.count_nonfinite and t.is_floating_point() and t.dtype != torch.float16:
@@ -170,13 +186,16 @@ class Recorder:
             def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 value = args[0] if args else kwargs.get("hidden_states")
                 if value is None:
-                    raise TypeError(f"Cannot find the input of {site.module_path} to record {name}")
+                    raise UnrecordableSiteError(
+                        f"site {name}: the module {site.module_path} was called without an "
+                        "input tensor to record; capture a site whose module takes one."
+                    )
                 self.store(name, value)
 
             return pre_hook
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            self.store(name, _first_tensor(output))
+            self.store(name, _first_tensor(output, site))
 
         return hook
 

@@ -22,7 +22,8 @@ max-abs of its dimension non-finite, as numpy would; its norm counts in the last
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -247,3 +248,95 @@ class SiteStats:
             ],
             "norm_hist": s.norm_hist.tolist(),
         }
+
+
+@dataclass
+class ChunkPlan:
+    """Which tokens of one recorded chunk count, and whose they are.
+
+    A chunk is a site's ``(rows, seq, hidden)`` activation of one forward pass in a batch.
+    """
+
+    mask: Tensor
+    """``(batch, seq)`` bool: the tokens to count."""
+    samples: Tensor
+    """``(batch,)`` int: each row's sample index."""
+    positions: Tensor | None = None
+    """``(batch, seq)`` int: each token's position in its sample (default: rank among counted)."""
+    shared: bool = False
+    """The chunk has one row shared by every sample of the batch (a common prefix run once): it
+    counts once per sample, as if each prompt had been run alone."""
+
+
+class StatsCollector:
+    """The :class:`SiteStats` of a run's statistics sites, fed by the capture hooks.
+
+    Before each forward pass the caller sets :attr:`plans` (one :class:`ChunkPlan` per chunk
+    index: 0 = the first forward of the batch). Chunks without a plan (generation's decode
+    steps) are held until :meth:`finish_generated` knows how many tokens each sample read.
+    Sample indices count the samples in the order they are fed (:meth:`new_samples`);
+    :attr:`sample_names` gives each a name when the caller knows one (a question id).
+    """
+
+    def __init__(self, sites: Sequence[str], k: int = DEFAULT_TOP_K) -> None:
+        """Collect statistics of ``sites`` (site names)."""
+        self.sites = frozenset(sites)
+        self.k = k
+        self.stats: dict[str, SiteStats] = {}
+        self.sample_names: list[str] = []
+        self.n_samples = 0
+        self.plans: list[ChunkPlan] = []
+        self._held: dict[str, list[Tensor]] = {}
+
+    def new_samples(self, n: int, device: str | torch.device = "cpu") -> Tensor:
+        """Indices for the next ``n`` samples fed, on ``device``."""
+        out = torch.arange(self.n_samples, self.n_samples + n, device=device)
+        self.n_samples += n
+        return out
+
+    def begin_batch(self, plans: Sequence[ChunkPlan]) -> None:
+        """Start a batch: the plans of its chunks, and nothing held from an earlier one."""
+        self.plans = list(plans)
+        self._held = {}
+
+    def site(self, name: str, hidden: int, device: torch.device) -> SiteStats:
+        """The accumulator of ``name`` (created on first use, on ``device``)."""
+        if name not in self.stats:
+            self.stats[name] = SiteStats(hidden, device=device, k=self.k)
+        return self.stats[name]
+
+    def observe(self, name: str, chunk_index: int, t: Tensor) -> None:
+        """Feed chunk ``chunk_index`` of site ``name`` (``(rows, seq, hidden)``)."""
+        if name not in self.sites:
+            return
+        if chunk_index >= len(self.plans):
+            self._held.setdefault(name, []).append(t.detach())
+            return
+        plan = self.plans[chunk_index]
+        if plan.shared:
+            t = t.expand(plan.mask.shape[0], -1, -1)
+        self.site(name, t.shape[-1], t.device).update(t, plan.mask, plan.samples, plan.positions)
+
+    def finish_generated(self, prompt_lengths: Tensor, generated_lengths: Sequence[int]) -> None:
+        """Count the held decode steps of the batch.
+
+        Step ``k`` (chunk ``k``) belongs to a sample that generated at least ``k + 1`` tokens,
+        at position ``prompt_length + k - 1`` (after its prompt).
+        """
+        held, self._held = self._held, {}
+        plan = self.plans[0]
+        for name, steps in held.items():
+            x = torch.cat(steps, dim=1)  # (batch, steps, hidden)
+            k = torch.arange(1, x.shape[1] + 1, device=x.device)
+            gen = torch.as_tensor(list(generated_lengths), device=x.device)
+            mask = k[None, :] < gen[:, None]
+            positions = prompt_lengths.to(x.device)[:, None] + k[None, :] - 1
+            self.site(name, x.shape[-1], x.device).update(x, mask, plan.samples, positions)
+
+    def finished(self) -> dict[str, SiteStats]:
+        """Every site's statistics on the CPU, ready to store."""
+        return {name: s.finished() for name, s in sorted(self.stats.items())}
+
+    def name_of(self, index: int) -> str:
+        """The name of sample ``index`` (its position when none was given)."""
+        return self.sample_names[index] if index < len(self.sample_names) else str(index)
