@@ -44,6 +44,11 @@ class SampleMeta:
     """Storage dtype of the activations."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Benchmark, question id, grade, and anything the caller adds (JSON)."""
+    prefix: str = ""
+    """The run's shared prefix holding the first ``prefix_tokens`` rows of every site, or ``""``
+    (see :mod:`actcap.storage.prefixes`)."""
+    prefix_tokens: int = 0
+    """How many leading token rows are in that prefix instead of this file."""
 
     def to_header(self) -> dict[str, str]:
         """The safetensors header metadata (string to string)."""
@@ -57,6 +62,11 @@ class SampleMeta:
             "token_selection": self.token_selection,
             "dtype": self.dtype,
             "extra": json.dumps(self.extra, ensure_ascii=False, sort_keys=True),
+            **(
+                {"prefix": self.prefix, "prefix_tokens": str(self.prefix_tokens)}
+                if self.prefix
+                else {}
+            ),
         }
 
     @classmethod
@@ -72,7 +82,14 @@ class SampleMeta:
             token_selection=header.get("token_selection", "all"),
             dtype=header.get("dtype", ""),
             extra=extra if isinstance(extra, dict) else {"value": extra},
+            prefix=header.get("prefix", ""),
+            prefix_tokens=_count(header.get("prefix_tokens", "")),
         )
+
+
+def _count(text: str) -> int:
+    """A non-negative count written in a header, or -1 when it is none (the reader refuses it)."""
+    return int(text) if text.isdecimal() and len(text) < 16 else -1 if text else 0
 
 
 SHARD_SUFFIX = ".shard"

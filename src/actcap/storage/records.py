@@ -46,6 +46,8 @@ class ManifestLine(TypedDict, total=False):
     n_prompt_tokens: int
     n_output_tokens: int
     nonfinite: dict[str, int]
+    prefix: str
+    """The shared prefix holding the sample's first rows (``prefixes/<prefix>.safetensors``)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class FinishedSample:
     meta: SampleMeta | None = None
     input_ids: Tensor | None = None
     output_ids: Tensor | None = None
+    shared_prefix: tuple[int, ...] = ()
+    """Token ids this prompt shares with others of its run; with every token kept, the writer
+    stores their rows once for the run (:mod:`actcap.storage.prefixes`). Empty: nothing shared."""
 
     @property
     def has_activations(self) -> bool:

@@ -1,0 +1,115 @@
+"""Shared prompt prefixes, stored once per run.
+
+Prompts of one run often begin with the same tokens: the few-shot examples of a subject, a system
+prompt. With every token kept (``token_selection="all"``) a sample's activations at those positions
+are the same for every prompt that shares them (a causal model's position ``t`` sees only tokens
+``0..t``), so a run writes them once, in ``prefixes/<key>.safetensors``, and each sample file holds
+only its own rows after the prefix. The key is the SHA-256 of the model, the storage dtype, the
+site names and the prefix's token ids, so a prefix is found again on resume and by other writers
+of the run (Ray workers) without coordination, and is never confused with another's.
+
+A sample file that leans on a prefix says so in its header metadata (``prefix``: the key,
+``prefix_tokens``: how many rows it holds) and in its manifest line (``prefix``). Readers join the
+two (:class:`actcap.storage.files.ActivationFile`), so users always see ``[tokens, hidden]``.
+The prefix lies in the sample's own run: ``<run>/prefixes/<key>.safetensors``, the run found as the
+folder above the sample's ``samples/`` or ``shards/`` folder; a key is 64 hex digits, so no header
+can point a reader anywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch import Tensor
+
+from actcap.errors import FormatError
+from actcap.storage.location import is_url
+
+PREFIXES = "prefixes"
+"""The run's folder of shared prefixes."""
+PREFIX_KEY = "prefix"
+"""Header metadata (and manifest) key: the prefix a sample's first rows are in."""
+PREFIX_TOKENS = "prefix_tokens"
+"""Header metadata key: how many leading token rows the prefix holds."""
+
+MIN_PREFIX_TOKENS = 16
+"""Shorter common prefixes are not worth a file of their own."""
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def prefix_key(model: str, dtype: str, sites: Sequence[str], token_ids: Sequence[int]) -> str:
+    """The key of a prefix: SHA-256 over the model, dtype, sites and token ids (64 hex digits)."""
+    h = hashlib.sha256()
+    for part in (model, dtype, "\x1f".join(sorted(sites))):
+        h.update(part.encode())
+        h.update(b"\x00")
+    h.update(",".join(str(int(t)) for t in token_ids).encode())
+    return h.hexdigest()
+
+
+def is_prefix_key(text: object) -> bool:
+    """Whether ``text`` is a well-formed prefix key (and so a safe file name)."""
+    return isinstance(text, str) and _KEY.fullmatch(text) is not None
+
+
+def prefix_filename(key: str) -> str:
+    """The file name of a prefix inside ``prefixes/``.
+
+    Raises:
+        FormatError: When ``key`` is not 64 hex digits (a corrupt header or manifest line).
+    """
+    if not is_prefix_key(key):
+        raise FormatError(f"shared prefix key {key!r} is corrupt (not 64 hex digits).")
+    return f"{key}.safetensors"
+
+
+def prefix_location(sample_location: str | os.PathLike[str], key: str) -> str:
+    """Where a sample's prefix lies: ``prefixes/<key>.safetensors`` of the sample's run.
+
+    Args:
+        sample_location: The sample's file, or the shard it is in (a path or a URL).
+        key: The prefix key from the sample's header.
+
+    Raises:
+        FormatError: When the key is corrupt.
+    """
+    name = prefix_filename(key)
+    text = os.fspath(sample_location)
+    if is_url(text):
+        root = text.rstrip("/").rsplit("/", 2)[0]
+        return f"{root}/{PREFIXES}/{name}"
+    return str(Path(text).parent.parent / PREFIXES / name)
+
+
+def shareable_rows(
+    activations: Mapping[str, Tensor], input_ids: Tensor | None, prefix_ids: Sequence[int]
+) -> int:
+    """How many leading rows of a sample a prefix can hold: ``len(prefix_ids)`` or 0.
+
+    0 when the sample's tokens do not begin with the prefix, or a site has no row of its own
+    after it (every sample keeps at least one row), or a site's tensor is not ``[tokens, ...]``.
+    """
+    n = len(prefix_ids)
+    if n < MIN_PREFIX_TOKENS or input_ids is None or input_ids.numel() <= n:
+        return 0
+    if [int(t) for t in input_ids.reshape(-1)[:n].tolist()] != [int(t) for t in prefix_ids]:
+        return 0
+    if not activations or any(t.dim() < 2 or t.shape[0] <= n for t in activations.values()):
+        return 0
+    return n
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The longest run of token ids every row begins with."""
+    if not rows:
+        return []
+    first, n = rows[0], min(len(r) for r in rows)
+    for j in range(n):
+        if any(r[j] != first[j] for r in rows[1:]):
+            return list(first[:j])
+    return list(first[:n])
