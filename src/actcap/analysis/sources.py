@@ -7,7 +7,6 @@ files are reported and skipped, never fatal.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from actcap.data.reader import ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError
-from actcap.storage.files import ActivationFile, check_metadata, parse_header, site_sort_key
-from actcap.storage.format import ID_TENSORS, SUFFIX, ShardSlice
+from actcap.storage.format import SUFFIX, ShardSlice
+from actcap.storage.layout import RUN_FILE
 from actcap.storage.location import is_url
-from actcap.storage.run import RUN_FILE, RunInfo, open_run
+from actcap.storage.reader import ActivationFile
+from actcap.storage.runinfo import RunInfo, open_run
 
 
 @dataclass(frozen=True)
@@ -145,88 +146,6 @@ def iter_open(
             f.close()
 
 
-_FLOAT_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-"""Safetensors dtypes read straight into numpy (``BF16`` goes through torch)."""
-_FIRST_READ = 64 << 10
-"""Bytes read at once from a sample in a shard: its header and, for small samples, its tensors."""
-
-
-class _ShardFiles:
-    """Open local shards, kept open while a pass reads their samples (at most ``keep`` at once)."""
-
-    def __init__(self, keep: int = 32) -> None:
-        self._fds: dict[str, int] = {}
-        self._keep = keep
-
-    def _fd(self, shard: str) -> int:
-        fd = self._fds.pop(shard, None)
-        if fd is None:
-            if len(self._fds) >= self._keep:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = os.open(shard, os.O_RDONLY)
-        self._fds[shard] = fd  # most recently used last
-        return fd
-
-    def size(self, shard: str) -> int:
-        """The shard's size in bytes."""
-        return os.fstat(self._fd(shard)).st_size
-
-    def read(self, shard: str, start: int, n: int) -> bytes:
-        """``n`` bytes from ``start`` (fewer at the end of the file)."""
-        return os.pread(self._fd(shard), n, start)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _slice_arrays(
-    part: ShardSlice, files: _ShardFiles, sites: Sequence[str] | None
-) -> tuple[list[str], dict[str, np.ndarray]] | None:
-    """A local shard slice's sites and their float32 arrays, with the checks of ActivationFile.
-
-    None when a tensor has a dtype this fast path does not read (the caller falls back).
-
-    Raises:
-        FormatError: When the slice is truncated or not a valid activation file.
-        OSError: When the shard cannot be read.
-    """
-    size = files.size(part.shard)
-    if part.offset + part.length > size:
-        raise FormatError(
-            f"{part}: truncated: the shard has {size} bytes, this sample ends at byte "
-            f"{part.offset + part.length}."
-        )
-    head = files.read(part.shard, part.offset, min(part.length, _FIRST_READ))
-
-    def read(start: int, n: int) -> bytes:
-        if start + n <= len(head):
-            return head[start : start + n]
-        return files.read(part.shard, part.offset + start, n)
-
-    label = str(part)
-    header = parse_header(read, part.length, label)
-    check_metadata(label, header)
-    data_start = 8 + struct.unpack_from("<Q", head)[0]
-    names = sorted(
-        (k for k in header if k != "__metadata__" and k not in ID_TENSORS), key=site_sort_key
-    )
-    arrays = {}
-    for name in names if sites is None else sites:
-        info = header.get(name)
-        if name == "__metadata__" or not isinstance(info, dict):
-            continue  # not in this sample: the caller says which site is missing
-        if info["dtype"] not in _FLOAT_DTYPES:
-            return None
-        begin, end = (data_start + o for o in info["data_offsets"])
-        raw = read(begin, end - begin)
-        if len(raw) != end - begin:
-            raise FormatError(f"{label}: tensor {name!r} is truncated in the shard.")
-        arrays[name] = np.frombuffer(raw, _FLOAT_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return names, arrays
-
-
 def iter_site_arrays(
     samples: list[SampleRef], skipped: Skipped, sites: Sequence[str] | None = None
 ) -> Iterator[tuple[SampleRef, list[str], dict[str, np.ndarray]]]:
@@ -238,15 +157,11 @@ def iter_site_arrays(
     asked for but not in a sample is simply absent from its arrays; ``sites=None`` reads all.
     Unreadable samples are recorded in ``skipped``.
     """
-    files = _ShardFiles()
+    files = ShardFiles()
     try:
         for ref in samples:
             try:
-                got = None
-                if isinstance(ref.path, ShardSlice) and not is_url(ref.path.shard):
-                    got = _slice_arrays(ref.path, files, sites)
-                if got is None:
-                    got = _file_arrays(ref.path, sites)
+                got = read_arrays(ref.path, sites, files)
             except FormatError as e:
                 skipped.add(ref.path, str(e))
                 continue
@@ -256,13 +171,3 @@ def iter_site_arrays(
             yield ref, *got
     finally:
         files.close()
-
-
-def _file_arrays(
-    path: Path | ShardSlice, sites: Sequence[str] | None
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """A sample's sites and arrays through :class:`ActivationFile` (files, URLs, any dtype)."""
-    with ActivationFile(path) as f:
-        names = f.sites
-        wanted = names if sites is None else [s for s in sites if s in f.names]
-        return names, {s: f.get(s).float().numpy() for s in wanted}

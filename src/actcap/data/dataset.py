@@ -1,0 +1,517 @@
+"""``ActivationDataset``: a run's activations as a PyTorch ``IterableDataset``, for probes and SAEs.
+
+A run (a file per sample or shards, a local folder or an fsspec URL) is streamed one sample at a
+time through the fast reader every whole-run pass uses (:mod:`actcap.data.reader`), so memory
+holds one sample plus the shuffle buffer whatever the size of the run.
+
+- **Rows**: ``rows="tokens"`` gives one row per stored token position (``x``: ``[hidden]``);
+  ``rows="samples"`` one row per sample (``x``: ``[tokens, hidden]``, or ``[hidden]`` when the
+  run stored the ``last`` or ``mean`` token). Several sites give ``x`` as a dict site -> tensor.
+- **Labels** (joined from the manifest line): ``correct`` (1, 0, or **-1 when ungraded**, so that
+  the default collate makes an int64 tensor), ``score`` (float, NaN when absent), ``category``
+  (str, ``""`` when absent), ``question_id`` / ``id`` (the sample id), ``sample_index`` (its
+  place in the manifest), and with ``rows="tokens"``: ``position`` (the token's index in the
+  sample; -1 for a stored ``last``/``mean`` vector) and ``token_id`` (from the stored
+  ``input_ids`` then ``output_ids``; -1 when unknown).
+- **Splitting**: samples are dealt round-robin over every (rank, DataLoader worker) pair, so each
+  sample is read by exactly one of them. The rank comes from ``rank=``/``world_size=``, else from
+  ``torch.distributed`` when it is initialized.
+- **Shuffling** (``shuffle_buffer=K > 0``): the sample order is permuted (the same permutation on
+  every rank and worker, from ``seed`` and the epoch), then rows pass through a buffer of at most
+  ``K`` rows: once full, each incoming row replaces a random row of the buffer, which is emitted.
+  The same seed, epoch and worker count give the same order; :meth:`set_epoch` changes it.
+- **Batches**: ``batch_size=B`` yields ready batches (``x``: ``[B, hidden]``, labels as tensors
+  or lists of str), to use with ``DataLoader(ds, batch_size=None)``: the fast path, with no
+  per-row Python work (see ``docs/performance.md``).
+
+Samples that cannot be read (corrupt, truncated, missing a site) are skipped with a warning, as
+analysis does, and listed in :attr:`ActivationDataset.skipped` (of the process that read them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from actcap.data.reader import ShardFiles, read_arrays
+from actcap.errors import ActcapError, FormatError, NoActivationsError, UnknownNameError
+from actcap.storage import ActivationFile, open_run
+from actcap.storage.format import ID_TENSORS, ShardSlice
+
+Rows = Literal["tokens", "samples"]
+LABELS = (
+    "correct",
+    "score",
+    "category",
+    "question_id",
+    "id",
+    "sample_index",
+    "position",
+    "token_id",
+)
+"""Label names :class:`ActivationDataset` can join to its rows."""
+TOKEN_LABELS = ("position", "token_id")
+"""Labels of a token, so only with ``rows="tokens"``."""
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_NUMPY: dict[torch.dtype, Any] = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+}
+_CHUNK = 1 << 16
+"""Rows emitted at once when the shuffle buffer drains at the end of a pass."""
+
+
+@dataclass
+class _Block:
+    """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]`` (numpy)."""
+
+    x: dict[str, torch.Tensor]
+    labels: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(next(iter(self.x.values())).shape[0])
+
+    def rows(self, index: slice | np.ndarray) -> _Block:
+        """A slice (a view) or a selection (a copy) of the rows."""
+        ix = index if isinstance(index, slice) else torch.from_numpy(index)
+        return _Block(
+            {s: t[ix] for s, t in self.x.items()}, {k: v[index] for k, v in self.labels.items()}
+        )
+
+    @staticmethod
+    def cat(blocks: Sequence[_Block]) -> _Block:
+        """The rows of several blocks, in order."""
+        first = blocks[0]
+        return _Block(
+            {s: torch.cat([b.x[s] for b in blocks]) for s in first.x},
+            {k: np.concatenate([b.labels[k] for b in blocks]) for k in first.labels},
+        )
+
+
+class _Buffer:
+    """At most ``limit`` rows, in arrays that grow by doubling up to it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.data: _Block | None = None
+
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def append(self, part: _Block) -> None:
+        n = len(part)
+        if self.data is None:
+            self.data = _empty_like(part, min(self.limit, max(n, 1024)))
+        capacity = len(self.data)
+        if self.count + n > capacity:
+            grown = _empty_like(part, min(self.limit, max(2 * capacity, self.count + n)))
+            _put(grown, np.arange(self.count), self.data.rows(slice(0, self.count)))
+            self.data = grown
+        _put(self.data, np.arange(self.count, self.count + n), part)
+        self.count += n
+
+    def swap(self, slots: np.ndarray, part: _Block) -> _Block:
+        """The rows at ``slots`` (copied out), replaced by ``part``."""
+        assert self.data is not None
+        out = self.data.rows(slots)
+        _put(self.data, slots, part)
+        return out
+
+    def drain(self, rng: np.random.Generator) -> Iterator[_Block]:
+        """Every row left, in random order."""
+        if self.data is None or not self.count:
+            return
+        order = rng.permutation(self.count)
+        for start in range(0, self.count, _CHUNK):
+            yield self.data.rows(order[start : start + _CHUNK])
+
+
+def _empty_like(block: _Block, n: int) -> _Block:
+    return _Block(
+        {s: t.new_empty((n, *t.shape[1:])) for s, t in block.x.items()},
+        {k: np.empty(n, dtype=v.dtype) for k, v in block.labels.items()},
+    )
+
+
+def _put(into: _Block, slots: np.ndarray, part: _Block) -> None:
+    ix = torch.from_numpy(slots)
+    for s, t in into.x.items():
+        t[ix] = part.x[s]
+    for k, v in into.labels.items():
+        v[slots] = part.labels[k]
+
+
+def _shuffled(blocks: Iterator[_Block], limit: int, rng: np.random.Generator) -> Iterator[_Block]:
+    """Rows through a buffer of at most ``limit`` rows, each emitted row a random one of it."""
+    buffer = _Buffer(limit)
+    for block in blocks:
+        start, n = 0, len(block)
+        while start < n:
+            if not buffer.full():
+                take = min(limit - buffer.count, n - start)
+                buffer.append(block.rows(slice(start, start + take)))
+            else:
+                take = min(limit, n - start)
+                slots = rng.choice(limit, size=take, replace=False)
+                yield buffer.swap(slots, block.rows(slice(start, start + take)))
+            start += take
+    yield from buffer.drain(rng)
+
+
+def _batched(blocks: Iterator[_Block], size: int) -> Iterator[_Block]:
+    """The same rows, regrouped into blocks of ``size`` rows (the last may be smaller)."""
+    pending: list[_Block] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += len(block)
+        if count < size:
+            continue
+        joined = _Block.cat(pending)
+        cut = (count // size) * size
+        for start in range(0, cut, size):
+            yield joined.rows(slice(start, start + size))
+        pending = [joined.rows(slice(cut, count))] if cut < count else []
+        count -= cut
+    if count:
+        yield _Block.cat(pending)
+
+
+def _shuffled_list(items: Iterator[Any], limit: int, rng: np.random.Generator) -> Iterator[Any]:
+    """:func:`_shuffled` for whole samples (rows of different lengths)."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < limit:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(limit))
+        buffer[slot], item = item, buffer[slot]
+        yield item
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise UnknownNameError(f"dtype={dtype!r}: not a float dtype; use one of {', '.join(_DTYPES)}.")
+
+
+class ActivationDataset(IterableDataset[dict[str, Any]]):
+    """A run's activations as rows for PyTorch training (see the module docstring).
+
+    Example:
+        >>> ds = ActivationDataset("runs/x", sites=["layer_12"], shuffle_buffer=100_000,
+        ...                        labels=["correct", "category"])
+        >>> loader = torch.utils.data.DataLoader(ds, batch_size=4096, num_workers=4)
+    """
+
+    def __init__(
+        self,
+        run: str | os.PathLike[str],
+        sites: Sequence[str] | None = None,
+        rows: Rows = "tokens",
+        shuffle_buffer: int = 0,
+        labels: Sequence[str] = (),
+        seed: int = 0,
+        dtype: torch.dtype | str | None = None,
+        *,
+        batch_size: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        """Open a run and check what is asked of it; activations are read when iterated.
+
+        Args:
+            run: A run directory or fsspec URL (files or shards).
+            sites: Sites to read (every site of the run by default); ``x`` is a dict when
+                more than one.
+            rows: ``tokens`` (a row per stored token) or ``samples`` (a row per sample).
+            shuffle_buffer: Rows held for shuffling (0: manifest order, no shuffling).
+            labels: Labels to join to each row (see :data:`LABELS`).
+            seed: Seed of the shuffling (with the epoch, see :meth:`set_epoch`).
+            dtype: Dtype of ``x`` (``torch.float32`` by default; ``float16``, ``bfloat16``...).
+            batch_size: Yield batches of this many rows (``rows="tokens"`` only); use with
+                ``DataLoader(ds, batch_size=None)``.
+            rank: This process's rank (with ``world_size``); by default ``torch.distributed``'s
+                when initialized, else 0.
+            world_size: Processes splitting the run.
+
+        Raises:
+            FormatError: When ``run`` is no run directory.
+            NoActivationsError: When the run has no activations (``--no-capture``, no sample yet).
+            UnknownNameError: An unknown site, label, rows or dtype value (the message lists
+                the valid ones).
+            ActcapError: An invalid buffer, batch size, rank or world size.
+        """
+        self.run = os.fspath(run)
+        info = open_run(run)
+        self._samples: list[tuple[str, dict[str, Any], Path | ShardSlice]] = [
+            (e.id, e.record, path) for e, path in info.sample_paths()
+        ]
+        if not self._samples:
+            raise NoActivationsError(_no_activations(self.run, len(info.entries)))
+        if rows not in ("tokens", "samples"):
+            raise UnknownNameError(f"rows={rows!r}: use 'tokens' or 'samples'.")
+        self.rows: Rows = rows
+        self.run_sites = self._first_sites()
+        self.sites = self._check_sites(sites)
+        self.labels = self._check_labels(labels)
+        if shuffle_buffer < 0:
+            raise ActcapError(f"shuffle_buffer={shuffle_buffer}: must be 0 (off) or more.")
+        if batch_size is not None and (batch_size < 1 or rows != "tokens"):
+            raise ActcapError(
+                f"batch_size={batch_size}: must be 1 or more, and only with rows='tokens' "
+                "(samples differ in length; batch them with a collate_fn of your own)."
+            )
+        if (rank is None) != (world_size is None):
+            raise ActcapError("rank= and world_size= go together: give both or neither.")
+        if world_size is not None and rank is not None and not 0 <= rank < world_size:
+            raise ActcapError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size.")
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.dtype = _dtype(dtype)
+        self.batch_size = batch_size
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+        """``(sample id, why)`` of the samples this process skipped."""
+        self._num_rows: int | None = None
+
+    def _first_sites(self) -> list[str]:
+        """The sites of the first readable sample."""
+        errors = []
+        for sid, _, path in self._samples[:8]:
+            try:
+                with ActivationFile(path) as f:
+                    return f.sites
+            except FormatError as e:
+                errors.append(f"{sid}: {e}")
+        raise FormatError(f"{self.run}: the first samples cannot be read ({errors[0]}).")
+
+    def _check_sites(self, sites: Sequence[str] | None) -> list[str]:
+        if isinstance(sites, str):
+            sites = [sites]
+        if sites is None:
+            return list(self.run_sites)
+        unknown = [s for s in sites if s not in self.run_sites]
+        if unknown or not sites:
+            raise UnknownNameError(
+                f"{self.run}: no site {', '.join(map(repr, unknown)) or '(none given)'} in this "
+                f"run. Sites: {', '.join(self.run_sites)}."
+            )
+        return list(dict.fromkeys(sites))
+
+    def _check_labels(self, labels: Sequence[str]) -> list[str]:
+        if isinstance(labels, str):
+            labels = [labels]
+        valid = [n for n in LABELS if self.rows == "tokens" or n not in TOKEN_LABELS]
+        unknown = [n for n in labels if n not in valid]
+        if unknown or "x" in labels:
+            raise UnknownNameError(
+                f"labels: no label {', '.join(map(repr, unknown))} for rows={self.rows!r}. "
+                f"Labels: {', '.join(valid)}."
+            )
+        return list(dict.fromkeys(labels))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffle order for a new epoch (call before iterating)."""
+        self.epoch = epoch
+
+    def num_rows(self) -> int:
+        """Rows of the whole run (all ranks and workers); reads every sample's header once.
+
+        Samples that cannot be read are not counted.
+        """
+        if self._num_rows is None:
+            if self.rows == "samples":
+                self._num_rows = len(self._samples)
+            else:
+                total = 0
+                site = self.sites[0]
+                for _, _, path in self._samples:
+                    try:
+                        with ActivationFile(path) as f:
+                            shape = f.shape(site) if site in f.names else ()
+                    except FormatError:
+                        continue
+                    total += 1 if len(shape) == 1 else (shape[0] if shape else 0)
+                self._num_rows = total
+        return self._num_rows
+
+    def _split(self) -> tuple[int, int]:
+        """This (rank, worker)'s part and the number of parts."""
+        rank, world = self._rank, self._world
+        if rank is None or world is None:
+            rank, world = 0, 1
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                rank, world = dist.get_rank(), dist.get_world_size()
+        worker = get_worker_info()
+        wid, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return rank * workers + wid, world * workers
+
+    def sample_indices(self) -> list[int]:
+        """The manifest indices of the samples this (rank, worker) reads, in reading order."""
+        order = np.arange(len(self._samples))
+        if self.shuffle_buffer:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._samples))
+        part, parts = self._split()
+        return [int(i) for i in order[part::parts]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rows (or batches) of this (rank, worker)'s samples."""
+        part, _ = self._split()
+        rng = np.random.default_rng([self.seed, self.epoch, part])
+        if self.rows == "samples":
+            items: Iterator[dict[str, Any]] = (
+                self._sample_row(i, a) for i, a in self._read(self.sample_indices())
+            )
+            if self.shuffle_buffer:
+                items = _shuffled_list(items, self.shuffle_buffer, rng)
+            yield from items
+            return
+        blocks: Iterator[_Block] = (
+            self._token_block(i, a) for i, a in self._read(self.sample_indices())
+        )
+        if self.shuffle_buffer:
+            blocks = _shuffled(blocks, self.shuffle_buffer, rng)
+        if self.batch_size is not None:
+            for batch in _batched(blocks, self.batch_size):
+                yield self._batch(batch)
+            return
+        for block in blocks:
+            yield from self._block_rows(block)
+
+    def _read(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Each readable sample's arrays (its sites and token ids); others skipped, warned."""
+        names = [*self.sites, *(ID_TENSORS if "token_id" in self.labels else ())]
+        files = ShardFiles()
+        try:
+            for i in indices:
+                sid, _, path = self._samples[i]
+                try:
+                    _, arrays = read_arrays(path, names, files)
+                except FormatError as e:
+                    self._skip(sid, str(e))
+                    continue
+                except OSError as e:
+                    self._skip(sid, f"{path}: cannot read ({e.strerror or e}).")
+                    continue
+                missing = [s for s in self.sites if s not in arrays]
+                if missing:
+                    self._skip(sid, f"{path}: no site {', '.join(missing)} in this sample.")
+                    continue
+                lengths = {s: _rows_of(arrays[s]) for s in self.sites}
+                if self.rows == "tokens" and len(set(lengths.values())) > 1:
+                    self._skip(sid, f"{path}: its sites differ in token count ({lengths}).")
+                    continue
+                yield i, arrays
+        finally:
+            files.close()
+
+    def _skip(self, sample_id: str, why: str) -> None:
+        self.skipped.append((sample_id, why))
+        warnings.warn(f"sample {sample_id!r} skipped: {why}", stacklevel=3)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        """A writable tensor of the dtype asked for (a copy of the read-only array)."""
+        as_numpy = _NUMPY.get(self.dtype)
+        if as_numpy is not None:
+            return torch.from_numpy(a.astype(as_numpy))
+        return torch.from_numpy(a.astype(np.float32)).to(self.dtype)
+
+    def _sample_labels(self, i: int) -> dict[str, Any]:
+        """The sample-level labels of manifest sample ``i``."""
+        sid, record, _ = self._samples[i]
+        out: dict[str, Any] = {}
+        for name in self.labels:
+            if name == "correct":
+                value = record.get("correct")
+                out[name] = -1 if value is None else int(bool(value))
+            elif name == "score":
+                value = record.get("score")
+                out[name] = float("nan") if value is None else float(value)
+            elif name == "category":
+                value = record.get("category")
+                out[name] = "" if value is None else str(value)
+            elif name in ("question_id", "id"):
+                out[name] = sid
+            elif name == "sample_index":
+                out[name] = i
+        return out
+
+    def _sample_row(self, i: int, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        x = {s: self._tensor(arrays[s]) for s in self.sites}
+        return {"x": x if len(x) > 1 else x[self.sites[0]], **self._sample_labels(i)}
+
+    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray]) -> _Block:
+        """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector)."""
+        first = arrays[self.sites[0]]
+        n = _rows_of(first)
+        x = {s: self._tensor(arrays[s].reshape(n, -1)) for s in self.sites}
+        labels = {
+            k: np.full(n, v, dtype=object if isinstance(v, str) else None)
+            for k, v in self._sample_labels(i).items()
+        }
+        position = np.full(n, -1, dtype=np.int64) if first.ndim == 1 else np.arange(n)
+        if "position" in self.labels:
+            labels["position"] = position
+        if "token_id" in self.labels:
+            ids = [arrays[k].reshape(-1) for k in ID_TENSORS if k in arrays]
+            all_ids = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+            token_id = np.full(n, -1, dtype=np.int64)
+            known = (position >= 0) & (position < len(all_ids))
+            token_id[known] = all_ids[position[known]]
+            labels["token_id"] = token_id
+        return _Block(x, {k: labels[k] for k in self.labels})
+
+    def _block_rows(self, block: _Block) -> Iterator[dict[str, Any]]:
+        """One dict per row, labels as Python scalars (the default collate stacks them)."""
+        columns = {k: v.tolist() for k, v in block.labels.items()}
+        single = self.sites[0] if len(self.sites) == 1 else None
+        for j in range(len(block)):
+            x: Any = block.x[single][j] if single else {s: t[j] for s, t in block.x.items()}
+            yield {"x": x, **{k: v[j] for k, v in columns.items()}}
+
+    def _batch(self, block: _Block) -> dict[str, Any]:
+        """A ready batch: labels as tensors, or lists of str (as the default collate makes)."""
+        x: Any = block.x[self.sites[0]] if len(self.sites) == 1 else dict(block.x)
+        out: dict[str, Any] = {"x": x}
+        for k, v in block.labels.items():
+            out[k] = v.tolist() if v.dtype.kind in "OU" else torch.from_numpy(v)
+        return out
+
+
+def _rows_of(a: np.ndarray) -> int:
+    """Token rows of a stored site: one for a ``[hidden]`` vector."""
+    return 1 if a.ndim == 1 else int(a.shape[0])
+
+
+def _no_activations(where: str, n_entries: int) -> str:
+    """Why a run has no activations to read, in one line."""
+    if not n_entries:
+        return f"{where}: this run has no finished sample yet; no activations to read."
+    return (
+        f"{where}: this run has no activations: its {n_entries:,} sample(s) were answered with "
+        "--no-capture. Run `actcap eval` again without --no-capture to capture them."
+    )

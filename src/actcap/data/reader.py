@@ -1,0 +1,148 @@
+"""The fast read of a whole run: each sample's arrays, one or two reads of an open shard per sample.
+
+Every whole-run pass (analysis, the training dataset) reads through :func:`read_arrays`: a sample
+in a local shard is read with ``pread`` from a shard kept open for the pass, with the same checks as
+:class:`~actcap.storage.ActivationFile`; any other sample (a file per sample, a shard at a URL, a
+dtype numpy has not) is read through :class:`~actcap.storage.ActivationFile`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actcap.errors import FormatError
+from actcap.storage import ActivationFile
+from actcap.storage.header import check_metadata, parse_header
+from actcap.storage.names import site_sort_key
+from actcap.storage.format import ID_TENSORS, ShardSlice
+from actcap.storage.location import is_url
+
+_NUMPY_DTYPES: dict[str, Any] = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+}
+"""Safetensors dtypes read straight into numpy (``BF16`` goes through torch)."""
+_FIRST_READ = 64 << 10
+"""Bytes read at once from a sample in a shard: its header and, for small samples, its tensors."""
+
+
+class ShardFiles:
+    """Open local shards, kept open while a pass reads their samples (at most ``keep`` at once)."""
+
+    def __init__(self, keep: int = 32) -> None:
+        """``keep``: shards held open at once (the least recently used is closed first)."""
+        self._fds: dict[str, int] = {}
+        self._keep = keep
+
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self._keep:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(shard, os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def size(self, shard: str) -> int:
+        """The shard's size in bytes."""
+        return os.fstat(self._fd(shard)).st_size
+
+    def read(self, shard: str, start: int, n: int) -> bytes:
+        """``n`` bytes from ``start`` (fewer at the end of the file)."""
+        return os.pread(self._fd(shard), n, start)
+
+    def close(self) -> None:
+        """Close every shard held open."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _slice_arrays(
+    part: ShardSlice, files: ShardFiles, names_wanted: Sequence[str] | None
+) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """A local shard slice's sites and the arrays asked for, with the checks of ActivationFile.
+
+    None when a tensor has a dtype this fast path does not read (the caller falls back).
+
+    Raises:
+        FormatError: When the slice is truncated or not a valid activation file.
+        OSError: When the shard cannot be read.
+    """
+    size = files.size(part.shard)
+    if part.offset + part.length > size:
+        raise FormatError(
+            f"{part}: truncated: the shard has {size} bytes, this sample ends at byte "
+            f"{part.offset + part.length}."
+        )
+    head = files.read(part.shard, part.offset, min(part.length, _FIRST_READ))
+
+    def read(start: int, n: int) -> bytes:
+        if start + n <= len(head):
+            return head[start : start + n]
+        return files.read(part.shard, part.offset + start, n)
+
+    label = str(part)
+    header = parse_header(read, part.length, label)
+    check_metadata(label, header)
+    data_start = 8 + struct.unpack_from("<Q", head)[0]
+    names = sorted(
+        (k for k in header if k != "__metadata__" and k not in ID_TENSORS), key=site_sort_key
+    )
+    arrays = {}
+    for name in names if names_wanted is None else names_wanted:
+        info = header.get(name)
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue  # not in this sample: the caller says which site is missing
+        if info["dtype"] not in _NUMPY_DTYPES:
+            return None
+        begin, end = (data_start + o for o in info["data_offsets"])
+        raw = read(begin, end - begin)
+        if len(raw) != end - begin:
+            raise FormatError(f"{label}: tensor {name!r} is truncated in the shard.")
+        arrays[name] = np.frombuffer(raw, _NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return names, arrays
+
+
+def _file_arrays(
+    path: Path | ShardSlice, names_wanted: Sequence[str] | None
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """A sample's sites and arrays through :class:`ActivationFile` (files, URLs, any dtype)."""
+    with ActivationFile(path) as f:
+        names = f.sites
+        wanted = names if names_wanted is None else [s for s in names_wanted if s in f.names]
+        return names, {s: _as_numpy(f, s) for s in wanted}
+
+
+def _as_numpy(f: ActivationFile, name: str) -> np.ndarray:
+    """One tensor as numpy: token ids as they are, activations as float32."""
+    t = f.get(name)
+    return (t if name in ID_TENSORS else t.float()).numpy()
+
+
+def read_arrays(
+    path: Path | ShardSlice, names: Sequence[str] | None, files: ShardFiles
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One sample's sites (all of them, in network order) and the arrays of the ``names`` asked for.
+
+    ``names`` may hold sites and the token-id tensors (``input_ids``, ``output_ids``); one not in
+    the sample is simply absent from the arrays; ``None`` reads every site. Arrays may be
+    read-only and of any float dtype (convert before keeping them); token ids are integers.
+
+    Raises:
+        FormatError: When the sample is truncated or no valid activation file.
+        OSError: When it cannot be read.
+    """
+    got = None
+    if isinstance(path, ShardSlice) and not is_url(path.shard):
+        got = _slice_arrays(path, files, names)
+    return got if got is not None else _file_arrays(path, names)
