@@ -11,7 +11,7 @@ from actcap.analysis.compare import mean_difference_by_layer, similarity_matrix
 from actcap.analysis.probes import ProbeResult, probe_layers
 from actcap.analysis.sources import SampleRef
 from actcap.analysis.vectors import load_vectors
-from actcap.errors import ActcapError, UnknownNameError
+from actcap.errors import ActcapError, SiteShapeError, UnknownNameError
 
 
 @dataclass
@@ -76,7 +76,7 @@ def make_figures(
     result.figures.append(plots.histogram(first, out_dir / "histogram.png"))
     try:
         result.figures.append(plots.token_layer_norms(first, out_dir / "token_layer_norms.png"))
-    except ValueError as e:
+    except SiteShapeError as e:
         result.notes.append(f"token-by-layer heatmap: {e}")
     result.figures.append(plots.norm_by_layer(vecs.mean_norms, out_dir / "norm_by_layer.png"))
     result.figures.append(

@@ -107,6 +107,7 @@ def resolve_device(device: Device) -> str:
 
     Raises:
         ModelLoadError: When the requested accelerator is not available.
+        UnknownNameError: When ``device`` names no device type.
     """
     if device == "auto":
         if torch.cuda.is_available():
@@ -118,6 +119,12 @@ def resolve_device(device: Device) -> str:
         raise ModelLoadError(f"device={device!r} but CUDA is not available; use --device cpu.")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError("device='mps' but MPS is not available; use --device cpu.")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnknownNameError(
+            f"Unknown device {device!r}. Choose one of: auto, cpu, cuda, cuda:N, mps."
+        ) from None
     return device
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from actcap.analysis import SampleRef, SampleVectors, load_vectors, probe_layers, similarity_matrix
-from actcap.errors import ActcapError, FormatError, NoActivationsError
+from actcap.errors import ActcapError, FormatError, NoActivationsError, NotEnoughSamplesError
 from actcap.storage import ActivationFile, ManifestEntry
 from actcap.view.runs import RunView
 from actcap.view.sample import check_site, finite, layer_sites
@@ -113,7 +113,7 @@ class RunStats:
             grades = self._grades()
             right, wrong = grades == True, grades == False  # noqa: E712 - None stays out
             if not right.any() or not wrong.any():
-                raise ActcapError(
+                raise NotEnoughSamplesError(
                     f"{self.view.label}: a direction needs right and wrong answers; the "
                     f"{len(grades)} questions read have {int(right.sum())} right and "
                     f"{int(wrong.sum())} wrong."

@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from actcap.errors import ActcapError
+from actcap.errors import ActcapError, ModelLoadError
 from actcap.models import DEFAULT_MODEL_NAME, LoadedModel, load_model
 
 
@@ -59,18 +59,18 @@ class ModelHolder:
         """The model, waiting for it to load.
 
         Raises:
-            ActcapError: When there is no model or it failed to load (the message says why).
+            ModelLoadError: When there is no model or it failed to load (the message says why).
         """
         if self.spec is None:
-            raise ActcapError(self.why_none)
+            raise ModelLoadError(self.why_none)
         self.start()
         assert self._future is not None
         try:
             return self._future.result()
         except ActcapError as e:
-            raise ActcapError(f"the model {self.spec!r} could not be loaded: {e}") from e
+            raise ModelLoadError(f"the model {self.spec!r} could not be loaded: {e}") from e
         except Exception as e:
-            raise ActcapError(
+            raise ModelLoadError(
                 f"the model {self.spec!r} could not be loaded ({type(e).__name__}: {e}); pass "
                 "--model with a model folder, hub id or .gguf file, or --no-model."
             ) from e

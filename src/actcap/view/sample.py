@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from actcap.analysis import compare_files, logit_lens
-from actcap.errors import ActcapError, UnknownNameError
+from actcap.errors import ActcapError, IncompatibleInputsError, UnknownNameError
 from actcap.storage import ActivationFile
 from actcap.view.model import ModelHolder
 from actcap.view.runs import BadRequest, RunView
@@ -201,12 +201,14 @@ def cosine_by_layer(a: Any, b: Any) -> dict[str, Any]:
         shared = [s for s in layer_sites(fa.sites) if s in fb.sites]
         odd = next((s for s in shared if fa.shape(s)[-1] != fb.shape(s)[-1]), None)
         if odd is not None:
-            raise ActcapError(
+            raise IncompatibleInputsError(
                 f"site {odd} has width {fa.shape(odd)[-1]} in one sample and {fb.shape(odd)[-1]} "
                 "in the other: a cosine needs vectors of one model's width."
             )
     if not shared:
-        raise ActcapError("the two samples share no site.")
+        raise IncompatibleInputsError(
+            "the two samples share no site; compare samples captured at the same sites."
+        )
     rows = [c for c in compare_files(a, b) if c.site in shared]
     return {
         "sites": [c.site for c in rows],

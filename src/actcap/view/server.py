@@ -24,7 +24,13 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from actcap.errors import ActcapError, FormatError, NoActivationsError, UnknownNameError
+from actcap.errors import (
+    ActcapError,
+    FormatError,
+    NoActivationsError,
+    UnknownNameError,
+    ViewError,
+)
 from actcap.view.aggregate import PROBE_TARGETS, RunStats
 from actcap.view.model import ModelHolder
 from actcap.view.pair import RunPair
@@ -79,7 +85,7 @@ class ViewApp:
     ) -> None:
         """Serve ``runs`` (one or two); ``holders`` gives each its model (or None)."""
         if not 1 <= len(runs) <= 2:
-            raise ActcapError(f"actcap view shows one or two runs, not {len(runs)}.")
+            raise ViewError(f"actcap view shows one or two runs, not {len(runs)}; pass one or two.")
         self.runs = runs
         self.holders = holders
         self.stats = [RunStats(r, max_samples) for r in runs]
@@ -300,10 +306,12 @@ class ViewServer(ThreadingHTTPServer):
             super().__init__((host, port), ViewHandler)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise ActcapError(
+                raise ViewError(
                     f"port {port} on {host} is in use; pass another --port, or --port 0 for any free one."
                 ) from e
-            raise ActcapError(f"cannot listen on {host}:{port} ({e.strerror or e}).") from e
+            raise ViewError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --host or --port."
+            ) from e
         self.host = host
         self.port = int(self.server_address[1])
         self.loopback = is_loopback(host)
