@@ -332,7 +332,7 @@ def test_save_activations_onto_a_folder_is_a_write_error(tmp_path):
 
 
 def test_deeply_nested_manifest_line_and_results(tmp_path):
-    from actcap.storage.run import read_manifest
+    from actcap.storage.manifest import read_manifest
 
     run = tmp_path / "run"
     run.mkdir()

@@ -26,8 +26,10 @@ from actcap.capture.spec import CaptureSpec
 from actcap.cli.main import cli
 from actcap.errors import FormatError, RunError
 from actcap.storage import SampleMeta, load_activations, open_run, sample_filename
-from actcap.storage.files import atomic_write_bytes, save_activations
-from actcap.storage.run import RunWriter, config_differences
+from actcap.storage.durable import atomic_write_bytes
+from actcap.storage.files import save_activations
+from actcap.storage.run import RunWriter
+from actcap.storage.runconfig import config_differences
 
 
 def acts(value: float) -> dict[str, torch.Tensor]:

@@ -16,14 +16,10 @@ from actcap.capture import CaptureSpec
 from actcap.errors import RunError, UnknownNameError
 from actcap.storage import SampleMeta, load_activations, open_run
 from actcap.storage.format import ShardSlice
+from actcap.storage.layout import AUTO_SHARD_SAMPLES, resolve_storage
+from actcap.storage.manifest import DoneIndex, read_all_manifests
 from actcap.storage.remote import RemoteRunWriter
-from actcap.storage.run import (
-    AUTO_SHARD_SAMPLES,
-    DoneIndex,
-    RunWriter,
-    read_all_manifests,
-    resolve_storage,
-)
+from actcap.storage.run import RunWriter
 from tests.conftest import DATA
 
 MMLU = DATA / "mmlu" / "test" / "world_religions_test.csv"
@@ -296,7 +292,7 @@ def test_cli_eval_into_shards_and_inspect_a_sample(tiny_model_dir, tmp_path):
 def test_encoded_samples_are_exact_safetensors_files(tmp_path):
     from safetensors import safe_open
 
-    from actcap.storage.files import encode_sample
+    from actcap.storage.encode import encode_sample
 
     acts = {
         "embeddings": torch.randn(5, 7),

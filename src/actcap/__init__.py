@@ -57,8 +57,9 @@ if TYPE_CHECKING:
     from actcap.capture.spec import CaptureSpec
     from actcap.errors import ActcapError
     from actcap.models.loading import load_model
-    from actcap.storage.files import ActivationFile, load_activations, save_activations
+    from actcap.storage.files import load_activations, save_activations
     from actcap.storage.format import SampleMeta
+    from actcap.storage.reader import ActivationFile
 
 
 def __getattr__(name: str) -> Any:

@@ -18,8 +18,9 @@ from actcap.analysis.vectors import (
     spread,
 )
 from actcap.errors import ActcapError
-from actcap.storage.files import ActivationFile, site_sort_key
 from actcap.storage.format import SampleSource
+from actcap.storage.names import site_sort_key
+from actcap.storage.reader import ActivationFile
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import torch
 
 from actcap.analysis.sources import SampleRef, Skipped, iter_open, list_samples
 from actcap.errors import FormatError, UnknownNameError, require
-from actcap.storage.files import ActivationFile
 from actcap.storage.format import utc_now
+from actcap.storage.reader import ActivationFile
 
 ExportFormat = Literal["parquet", "hf-dataset", "npy"]
 Rows = Literal["tokens", "samples"]

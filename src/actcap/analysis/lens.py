@@ -9,8 +9,8 @@ import torch
 
 from actcap.analysis.stats import check_has_values
 from actcap.errors import ActcapError
-from actcap.storage.files import ActivationFile
 from actcap.storage.format import SampleSource
+from actcap.storage.reader import ActivationFile
 
 
 @dataclass(frozen=True)

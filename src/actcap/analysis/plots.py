@@ -22,8 +22,10 @@ from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
 from actcap.analysis.vectors import spread
 from actcap.errors import require
-from actcap.storage.files import ActivationFile, atomic_write_bytes, site_sort_key
+from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.format import SampleSource, ShardSlice
+from actcap.storage.names import site_sort_key
+from actcap.storage.reader import ActivationFile
 
 DPI = 100
 SIZE = (8.0, 5.0)

@@ -11,7 +11,7 @@ import numpy as np
 
 from actcap.analysis.vectors import Reduce, SampleVectors, load_vectors, spread
 from actcap.errors import ActcapError, UnknownNameError, require
-from actcap.storage.files import ActivationFile
+from actcap.storage.reader import ActivationFile
 
 PROBE_SAMPLES = 20_000
 """Samples a probe trains and tests on by default: a stratified subsample of larger runs."""

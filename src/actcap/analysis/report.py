@@ -15,9 +15,9 @@ from actcap.analysis.figures import make_figures
 from actcap.analysis.probes import ProbeResult
 from actcap.analysis.sources import SampleRef, is_run, list_samples, run_samples
 from actcap.errors import NoActivationsError
-from actcap.storage.files import atomic_write_bytes
+from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.location import is_url
-from actcap.storage.run import open_run
+from actcap.storage.runinfo import open_run
 
 _SCRIPT = """
 const rows = () => Array.from(document.querySelectorAll('#samples tbody tr'));

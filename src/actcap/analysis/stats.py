@@ -12,8 +12,9 @@ from torch import Tensor
 
 from actcap.analysis.sources import Skipped, iter_site_arrays, list_samples
 from actcap.errors import ActcapError, FormatError
-from actcap.storage.files import ActivationFile, site_sort_key
 from actcap.storage.format import SampleSource
+from actcap.storage.names import site_sort_key
+from actcap.storage.reader import ActivationFile
 
 
 @dataclass(frozen=True)

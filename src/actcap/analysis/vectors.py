@@ -23,7 +23,7 @@ from torch import Tensor
 
 from actcap.analysis.sources import SampleRef, Skipped, iter_site_arrays, list_samples
 from actcap.errors import ActcapError, FormatError, UnknownNameError
-from actcap.storage.files import site_sort_key
+from actcap.storage.names import site_sort_key
 
 Reduce = Literal["last", "mean"]
 

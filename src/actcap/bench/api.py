@@ -23,7 +23,7 @@ from actcap.capture.spec import CaptureSpec, TokenSelection
 from actcap.models.loading import LoadedModel, load_model
 from actcap.storage.files import save_activations
 from actcap.storage.format import SampleMeta
-from actcap.storage.run import sample_filename
+from actcap.storage.layout import sample_filename
 
 
 def as_question(question: Question | Mapping[str, Any]) -> Question:

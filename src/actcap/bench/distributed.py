@@ -41,16 +41,9 @@ from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import RunError, require
 from actcap.models.loading import load_model, load_skeleton
+from actcap.storage.layout import SHARD_BYTES, WORKERS, Storage, new_writer_id, resolve_storage
 from actcap.storage.location import is_url, local_path
-from actcap.storage.run import (
-    SHARD_BYTES,
-    WORKERS,
-    DoneIndex,
-    Storage,
-    new_writer_id,
-    read_all_manifests,
-    resolve_storage,
-)
+from actcap.storage.manifest import DoneIndex, read_all_manifests
 from actcap.storage.writers import attach_writer, open_writer
 
 

@@ -40,8 +40,9 @@ from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
+from actcap.storage.layout import SHARD_BYTES, Storage, resolve_storage
+from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
-from actcap.storage.run import SHARD_BYTES, ManifestEntry, Storage, resolve_storage
 from actcap.storage.writers import SampleWriter, open_writer
 
 ModeOption = Literal["auto", "generate", "loglik"]

@@ -38,9 +38,12 @@ from actcap.capture.hooks import Recorder, recording
 from actcap.capture.sites import Site, resolve_sites
 from actcap.errors import FormatError, UnknownNameError
 from actcap.models.loading import LoadedModel, parse_dtype
-from actcap.storage.files import ActivationFile, atomic_write_bytes
+from actcap.storage.durable import atomic_write_bytes
+from actcap.storage.layout import RESULTS
 from actcap.storage.location import PathOrUrl, is_url, join, local_path, read_bytes, url_fs
-from actcap.storage.run import RESULTS, ManifestEntry, RunInfo, open_run
+from actcap.storage.manifest import ManifestEntry
+from actcap.storage.reader import ActivationFile
+from actcap.storage.runinfo import RunInfo, open_run
 
 DEFAULT_VERIFY_MAX = 8
 """``--verify`` by default re-checks 0.5% of the samples, at least 1 and at most this many."""

@@ -361,8 +361,8 @@ def layout(out: Any) -> str:
     """
     import os
 
+    from actcap.storage.layout import SAMPLES, SHARDS
     from actcap.storage.location import is_url, local_path
-    from actcap.storage.run import SAMPLES, SHARDS
 
     if is_url(os.fspath(out)):
         return f"{SHARDS}/"

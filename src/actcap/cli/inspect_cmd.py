@@ -21,10 +21,10 @@ from actcap.cli.common import human_bytes, reports_errors
 @reports_errors
 def inspect_file(path: str, sample: str | None, as_json: bool) -> None:
     """Show the sites, shapes, dtypes, metadata and size of an activation file or run sample."""
-    from actcap.storage.files import ActivationFile
     from actcap.storage.format import ShardSlice
     from actcap.storage.location import is_url
-    from actcap.storage.run import open_run
+    from actcap.storage.reader import ActivationFile
+    from actcap.storage.runinfo import open_run
 
     source: str | ShardSlice = path
     if sample is not None or is_url(path) or Path(path).is_dir():

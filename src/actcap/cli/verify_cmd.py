@@ -53,7 +53,7 @@ def verify_command(**kw: Any) -> None:
     """
     from actcap.bench.verify import record_verification, verify_run
     from actcap.models.loading import load_model
-    from actcap.storage.run import open_run
+    from actcap.storage.runinfo import open_run
 
     info = open_run(kw["run"])
     model, dtype = run_model(info.config, kw["model"])

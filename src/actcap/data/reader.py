@@ -18,10 +18,10 @@ import numpy as np
 
 from actcap.errors import FormatError
 from actcap.storage import ActivationFile
-from actcap.storage.header import check_metadata, parse_header
-from actcap.storage.names import site_sort_key
 from actcap.storage.format import ID_TENSORS, ShardSlice
+from actcap.storage.header import check_metadata, parse_header
 from actcap.storage.location import is_url
+from actcap.storage.names import site_sort_key
 
 _NUMPY_DTYPES: dict[str, Any] = {
     "F32": np.float32,

@@ -47,8 +47,8 @@ from actcap.lm_eval import engine, records
 from actcap.lm_eval.rundir import LmEvalRun, close_quietly
 from actcap.models import LoadedModel, load_model
 from actcap.storage import utc_now
+from actcap.storage.layout import SHARD_BYTES, resolve_storage
 from actcap.storage.location import is_url
-from actcap.storage.run import SHARD_BYTES, resolve_storage
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8

@@ -25,8 +25,9 @@ from actcap.lm_eval.engine import Row
 from actcap.storage import utc_now
 from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta
+from actcap.storage.layout import SHARD_BYTES
 from actcap.storage.records import FinishedSample
-from actcap.storage.run import SHARD_BYTES, RunWriter
+from actcap.storage.run import RunWriter
 
 RESULTS_KEPT = (
     "results",

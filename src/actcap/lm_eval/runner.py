@@ -21,7 +21,7 @@ from actcap.capture import CaptureSpec
 from actcap.errors import ActcapError, BenchmarkError, UnknownNameError
 from actcap.lm_eval import require_lm_eval
 from actcap.models import LoadedModel
-from actcap.storage.run import SHARD_BYTES
+from actcap.storage.layout import SHARD_BYTES
 
 
 @dataclass

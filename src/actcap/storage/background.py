@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
-from actcap.storage.run import ManifestEntry
 from actcap.storage.writers import SampleWriter
 
 _STOP = object()

@@ -18,29 +18,30 @@ from typing import Any
 from torch import Tensor
 
 from actcap.errors import RunError
-from actcap.storage.files import encode_sample
+from actcap.storage.encode import encode_sample
 from actcap.storage.format import SampleMeta
-from actcap.storage.location import join, url_fs
-from actcap.storage.records import FinishedSample
-from actcap.storage.run import (
+from actcap.storage.layout import (
     MANIFEST,
     MANIFESTS,
     RESULTS,
     RUN_FILE,
     SHARD_BYTES,
     SHARDS,
-    ManifestEntry,
     check_out_folder,
-    check_run_config,
-    damaged_samples,
+    new_writer_id,
+)
+from actcap.storage.location import join, url_fs
+from actcap.storage.manifest import (
+    ManifestEntry,
     manifest_bytes,
     manifest_line,
     manifest_names,
     merged_manifest,
-    new_writer_id,
     read_all_manifests,
-    warn_redone,
 )
+from actcap.storage.records import FinishedSample
+from actcap.storage.repair import damaged_samples, warn_redone
+from actcap.storage.runconfig import check_run_config
 from actcap.storage.shards import shard_name
 
 

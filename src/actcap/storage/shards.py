@@ -18,10 +18,8 @@ import os
 
 from actcap.errors import WriteError
 from actcap.storage.format import SHARD_SUFFIX
+from actcap.storage.layout import SHARDS
 from actcap.storage.safety import RunDirs
-
-SHARDS = "shards"
-"""The run's folder of shards."""
 
 
 def shard_name(writer_id: str, sequence: int) -> str:

@@ -7,9 +7,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 from actcap.errors import RunError
+from actcap.storage.layout import SHARD_BYTES
 from actcap.storage.location import PathOrUrl, is_url
+from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
-from actcap.storage.run import SHARD_BYTES, ManifestEntry, RunWriter
+from actcap.storage.run import RunWriter
 
 
 class SampleWriter(Protocol):

@@ -1,0 +1,179 @@
+"""Reading one sample lazily: :class:`ActivationFile` over a file or a slice of a shard.
+
+Metadata is read and checked at once, tensors only when asked (memory-mapped, or from a shard
+only the tensor's bytes); an older pipeline's ``torch.save`` file is loaded whole and read the
+same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from actcap.errors import FormatError, UnknownNameError
+from actcap.storage.dtypes import TORCH_DTYPES
+from actcap.storage.format import ID_TENSORS, SampleMeta, ShardSlice
+from actcap.storage.header import PICKLED, check_metadata, detect_format, parse_header, read_header
+from actcap.storage.legacy import legacy_contents
+from actcap.storage.location import is_url, read_range
+from actcap.storage.names import site_sort_key
+
+
+class ActivationFile:
+    """A lazily read activation file: metadata at once, tensors only when asked (memory-mapped).
+
+    A ``torch.save`` file (told by its content, whatever its name) is loaded whole through
+    ``torch.load(weights_only=True)`` and then read the same way.
+
+    Example:
+        >>> with ActivationFile("q0001.safetensors") as f:
+        ...     f.sites, f.shape("layer_3")
+        ...     x = f.get("layer_3")
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | ShardSlice) -> None:
+        """Open a file, or one sample inside a shard, and check its header; tensors are not read.
+
+        Args:
+            path: An activation file (safetensors, or an older pipeline's ``torch.save`` file),
+                or a :class:`ShardSlice` (a local or fsspec shard).
+
+        Raises:
+            FormatError: When the file is no valid activation file.
+            UnsafeFileError: A pickle that needs code execution (see :func:`load_activations`).
+        """
+        self.slice = path if isinstance(path, ShardSlice) else None
+        self._handle: Any = None
+        self._data_start = 0
+        self._tensors: dict[str, Tensor] | None = None  # a torch.save file's, loaded whole
+        if self.slice is not None:
+            self.path = Path(self.slice.shard)
+            self.label = str(self.slice)
+            self.header = self._slice_header(self.slice)
+        else:
+            self.path = Path(path)  # type: ignore[arg-type]  # not a ShardSlice here
+            self.label = str(self.path)
+            self.header = self._file_header()
+        self.raw_metadata = check_metadata(self.label, self.header)
+        if self.slice is None and self._tensors is None:
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
+        self.meta = SampleMeta.from_header(self.raw_metadata)
+
+    def _slice_header(self, part: ShardSlice) -> dict[str, Any]:
+        """The checked header of one sample in a shard; notes where its tensors start."""
+        header_bytes = 0
+        if not is_url(part.shard):
+            try:
+                size = os.stat(part.shard).st_size
+            except OSError as e:
+                raise FormatError(
+                    f"{part.shard}: cannot read the shard ({e.strerror or e})."
+                ) from e
+            if part.offset + part.length > size:
+                raise FormatError(
+                    f"{self.label}: the sample ends at byte {part.offset + part.length}, past the "
+                    f"shard's end ({size} bytes); its manifest line is corrupt."
+                )
+
+        def read(start: int, n: int) -> bytes:
+            nonlocal header_bytes
+            if start == 8:
+                header_bytes = n  # parse_header reads the JSON header right after its size
+            return read_range(part.shard, part.offset + start, part.offset + start + n)
+
+        header = parse_header(read, part.length, self.label)
+        self._data_start = part.offset + 8 + header_bytes
+        return header
+
+    def _file_header(self) -> dict[str, Any]:
+        """The checked header of a file; a torch.save file's is made from its loaded tensors."""
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: a folder, not an activation file.")
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file.")
+        if detect_format(self.path) in PICKLED:
+            self._tensors, header = legacy_contents(self.path)
+            return header
+        return read_header(self.path)
+
+    def __enter__(self) -> ActivationFile:
+        """Use as a context manager."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release the memory map."""
+        self.close()
+
+    def close(self) -> None:
+        """Release the memory map."""
+        self._handle = None
+
+    @property
+    def names(self) -> list[str]:
+        """All tensor names in the file."""
+        return [k for k in self.header if k != "__metadata__"]
+
+    @property
+    def sites(self) -> list[str]:
+        """Activation sites in the file (token-id tensors excluded), in the order stored."""
+        return sorted((k for k in self.names if k not in ID_TENSORS), key=site_sort_key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a tensor, from the header."""
+        self._check_name(name)
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor (``F32``, ``BF16``, ...)."""
+        self._check_name(name)
+        return str(self.header[name]["dtype"])
+
+    def get(self, name: str) -> Tensor:
+        """Read one tensor (from a shard: only that tensor's bytes)."""
+        self._check_name(name)
+        if self._tensors is not None:
+            return self._tensors[name]
+        if self.slice is not None:
+            info = self.header[name]
+            start, end = info["data_offsets"]
+            data = read_range(self.slice.shard, self._data_start + start, self._data_start + end)
+            if len(data) != end - start:
+                raise FormatError(f"{self.label}: tensor {name!r} is truncated in the shard.")
+            dtype = TORCH_DTYPES[info["dtype"]]
+            if not data:
+                return torch.empty(info["shape"], dtype=dtype)
+            return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"])
+        try:
+            return self._handle.get_tensor(name)  # type: ignore[no-any-return]
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{self.path}: cannot read tensor {name!r} ({e}).") from e
+
+    def get_slice(self, name: str) -> Any:
+        """A sliceable view of one tensor (``f.get_slice("layer_3")[-1]`` reads one row).
+
+        Inside a shard or a torch.save file the tensor is read whole and then indexed.
+        """
+        self._check_name(name)
+        if self.slice is not None or self._tensors is not None:
+            return self.get(name)
+        return self._handle.get_slice(name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.header or name == "__metadata__":
+            raise UnknownNameError(
+                f"{self.label}: no site {name!r}. Sites in this file: {', '.join(self.sites)}."
+            )
+
+    def iter_sites(self, sites: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(site, tensor)`` one at a time (bounded memory)."""
+        for name in sites if sites is not None else self.sites:
+            yield name, self.get(name)
