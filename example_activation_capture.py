@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from actcap import generate_inference_with_activations, load_activations
+from actcap import load_activations
+from actcap.api import capture
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,14 +35,14 @@ def main() -> None:
     first = out / "france.safetensors"
 
     # 1-2. Capture while answering, and save.
-    response, data = generate_inference_with_activations(
-        prompt="What is the capital of France?",
-        model="default",
-        save_path=first,
-        layers_to_capture=None,  # embeddings + all 30 layers
+    (france,) = capture(
+        "What is the capital of France?",
+        "default",
+        save=first,
+        layers=None,  # embeddings + all 30 layers
     )
-    print(f"Response: {response}")
-    acts = data["activations"]
+    print(f"Response: {france.response}")
+    acts = france.activations
     print(
         f"Captured {len(acts)} sites; layer_0 has shape {tuple(acts['layer_0'].shape)} (tokens, hidden)"
     )
@@ -57,13 +58,10 @@ def main() -> None:
 
     # 3. A second prompt, last-token vectors, compared layer by layer.
     second = out / "germany.safetensors"
-    response2, _ = generate_inference_with_activations(
-        "What is the capital of Germany?",
-        "default",
-        save_path=second,
-        layers_to_capture=[0, 10, 20, -1],
+    (germany,) = capture(
+        "What is the capital of Germany?", "default", save=second, layers=[0, 10, 20, -1]
     )
-    print(f"Second response: {response2}")
+    print(f"Second response: {germany.response}")
     b = load_activations(second)["activations"]
     print("Cosine similarity of the two prompts' last-token residual stream:")
     for site in b:

@@ -3,8 +3,8 @@
     python main.py --capture_activations --activation_save_dir my_activations
 
 answers the built-in demo benchmark with the built-in model, grades it, and writes every sample's
-activations into the run directory ``--activation_save_dir``. It calls the same code as
-``actcap eval``.
+activations into the run directory ``--activation_save_dir``. It calls the facade's
+:func:`actcap.api.evaluate`, as ``actcap eval`` does, and prints the same summary.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from actcap.bench.runner import EvalOptions, run_benchmark
-from actcap.bench.sources import load_benchmark
+from actcap import api
+from actcap.bench.runner import EvalOptions
 from actcap.capture.spec import CaptureSpec
 from actcap.cli.common import one_line_warnings
-from actcap.cli.eval_cmd import interrupted_message, report
+from actcap.cli.eval_cmd import interrupted_message
 from actcap.errors import ActcapError
-from actcap.models.loading import load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,22 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     one_line_warnings()
     try:
-        bench = load_benchmark(args.benchmark)
         capture = (
             CaptureSpec(layers=args.layers, token_selection=args.token_selection)
             if args.capture_activations
             else None
         )
-        lm = load_model(args.model, device=args.device)
-        result = run_benchmark(
-            lm,
-            bench,
+        result = api.evaluate(
+            args.benchmark,
+            args.model,
+            out=args.activation_save_dir,
             capture=capture,
             options=EvalOptions(
                 batch_size=args.batch_size, limit=args.limit, few_shot=args.few_shot
             ),
-            out=args.activation_save_dir,
             resume=args.resume,
+            load={"device": args.device},
         )
     except ActcapError as e:
         print(f"Error: {e}", file=sys.stderr)
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    report(result, bench.name, lm.display_name)
+    api.print_summary(result)
     return 0
 
 

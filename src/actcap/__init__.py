@@ -1,8 +1,11 @@
 """actcap: capture a language model's activations while it answers benchmark questions.
 
-The verbs a user needs are importable from here; everything else lives in the subpackages
-(``actcap.models``, ``actcap.capture``, ``actcap.storage``, ``actcap.bench``, ``actcap.analysis``).
-Imports are lazy, so ``import actcap`` (and ``actcap --help``) does not pull in torch.
+The verbs a user needs are importable from here: the facade's (:mod:`actcap.api`:
+``evaluate``, ``analyse``, ``export``, and ``capture`` as ``actcap.api.capture``, since
+``actcap.capture`` is the subpackage) and the seed pipeline's (:mod:`actcap.compat`). Everything
+else lives in the subpackages (``actcap.models``, ``actcap.capture``, ``actcap.storage``,
+``actcap.bench``, ``actcap.analysis``). Imports are lazy, so ``import actcap`` (and
+``actcap --help``) does not pull in torch.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "generate_inference_with_activations": "actcap.api",
+    "evaluate": "actcap.api",
+    "analyse": "actcap.api",
+    "export": "actcap.api",
+    "generate_inference_with_activations": "actcap.compat",
     "load_activations": "actcap.storage.files",
     "save_activations": "actcap.storage.files",
     "ActivationFile": "actcap.storage.files",
@@ -22,8 +28,8 @@ _EXPORTS: dict[str, str] = {
     "CaptureSpec": "actcap.capture.spec",
     "run_prompts": "actcap.capture.collect",
     "ActcapError": "actcap.errors",
-    "answer_benchmark_question_with_activations": "actcap.bench.api",
-    "answer_and_grade_benchmark_question": "actcap.bench.api",
+    "answer_benchmark_question_with_activations": "actcap.compat",
+    "answer_and_grade_benchmark_question": "actcap.compat",
     "load_benchmark": "actcap.bench.sources",
     "run_benchmark": "actcap.bench.runner",
 }
@@ -34,8 +40,11 @@ __all__ = [
     "CaptureSpec",
     "SampleMeta",
     "__version__",
+    "analyse",
     "answer_and_grade_benchmark_question",
     "answer_benchmark_question_with_activations",
+    "evaluate",
+    "export",
     "generate_inference_with_activations",
     "load_activations",
     "load_benchmark",
@@ -46,15 +55,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from actcap.api import generate_inference_with_activations
-    from actcap.bench.api import (
-        answer_and_grade_benchmark_question,
-        answer_benchmark_question_with_activations,
-    )
+    from actcap.api import analyse, evaluate, export
     from actcap.bench.runner import run_benchmark
     from actcap.bench.sources import load_benchmark
     from actcap.capture.collect import run_prompts
     from actcap.capture.spec import CaptureSpec
+    from actcap.compat import (
+        answer_and_grade_benchmark_question,
+        answer_benchmark_question_with_activations,
+        generate_inference_with_activations,
+    )
     from actcap.errors import ActcapError
     from actcap.models.loading import load_model
     from actcap.storage.files import load_activations, save_activations

@@ -1,10 +1,9 @@
-"""Benchmarks: sources, prompts, graders, batched answering and the evaluation runner."""
+"""Benchmarks: sources, prompts, graders, batched answering and the evaluation runner.
 
-from actcap.bench.api import (
-    answer_and_grade_benchmark_question,
-    answer_benchmark_question_with_activations,
-    as_question,
-)
+The seed pipeline's one-question functions (``answer_and_grade_benchmark_question``, ...) are in
+:mod:`actcap.compat`, on top of the facade.
+"""
+
 from actcap.bench.graders import GRADERS, Grade, Grader, get_grader
 from actcap.bench.prompts import build_prompt
 from actcap.bench.questions import Benchmark, Question
@@ -20,9 +19,6 @@ __all__ = [
     "Grade",
     "Grader",
     "Question",
-    "answer_and_grade_benchmark_question",
-    "answer_benchmark_question_with_activations",
-    "as_question",
     "build_prompt",
     "get_grader",
     "load_benchmark",

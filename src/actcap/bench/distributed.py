@@ -24,27 +24,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actcap.bench.questions import Benchmark, Question
+from actcap.bench.orchestrator import Executed, Progress, RunState, orchestrate
+from actcap.bench.questions import Benchmark
 from actcap.bench.runner import (
     DEFAULT_CAPTURE,
     EvalOptions,
     EvalResult,
     Planned,
     answer_batch,
-    finish_run,
     finished_sample,
-    plan_questions,
-    run_config,
     run_sites,
 )
 from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import RunError, require
+from actcap.models.builtin import DEFAULT_MODEL_NAME
 from actcap.models.loading import load_model, load_skeleton
-from actcap.storage.layout import SHARD_BYTES, WORKERS, Storage, new_writer_id, resolve_storage
+from actcap.storage.durable import atomic_write_bytes
+from actcap.storage.layout import SHARD_BYTES, WORKERS, Storage, new_writer_id
 from actcap.storage.location import is_url, local_path
 from actcap.storage.manifest import DoneIndex, read_all_manifests
-from actcap.storage.writers import attach_writer, open_writer
+from actcap.storage.writers import attach_writer
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class EvalActor:
             }
             folder = local_path(out) / WORKERS
             folder.mkdir(exist_ok=True)
-            (folder / f"{self.writer_id}.json").write_text(json.dumps(record))
+            atomic_write_bytes(folder / f"{self.writer_id}.json", json.dumps(record).encode())
 
     def _done(self) -> set[str]:
         if self.index is not None:
@@ -179,51 +179,59 @@ def run_benchmark_ray(
             ask for, or the Ray job failed (finished samples are kept: rerun with ``resume=True``).
     """
     require("ray", "ray", "Evaluation on Ray (--ray)")
-    options = options or EvalOptions()
     ray_options = ray_options or RayOptions()
     if ray_options.workers < 1:
         raise RunError(f"--workers must be at least 1, not {ray_options.workers}.")
-    bench = benchmark.limited(options.limit)
-    skeleton = load_skeleton(model)
-    sites = run_sites(skeleton, capture)
-    layout = resolve_storage(storage, len(bench.questions), out)
-    config = run_config(skeleton, bench, capture, sites, options, layout, benchmark.questions)
-    writer = open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
-    try:
-        todo = [q for q in bench.questions if q.id not in writer.done]
-        plan = plan_questions(skeleton, bench, todo, options)
-        del skeleton
-        t0 = time.perf_counter()
-        answered = _run_on_ray(
-            plan, bench, todo, model, capture, options, ray_options, writer, shard_bytes, progress
-        )
-        wall = time.perf_counter() - t0
-        writer.merge_segments([q.id for q in bench.questions])
-        records = {e.id: e.record for e in read_all_manifests(writer.root)}
-        verification = None
-        if verify > 0 and capture is not None:
-            lm = load_model(model, **ray_options.load_kwargs)
-            verification = verify_after_run(lm, writer.root, verify, len(records))
-        result = finish_run(
-            writer,
-            bench,
-            records,
-            answered=answered,
-            wall=wall,
-            waited=0.0,
-            extra={
-                "ray": {
-                    "workers": ray_options.workers,
-                    "gpus_per_worker": ray_options.gpus_per_worker,
-                    "cpus_per_worker": ray_options.cpus_per_worker,
-                },
-                **({"verification": verification} if verification is not None else {}),
-            },
-        )
-        result.verification = verification
-        return result
-    finally:
-        writer.close()
+    return orchestrate(
+        load_skeleton(model),
+        benchmark,
+        RayExecution(model, ray_options),
+        capture=capture,
+        options=options or EvalOptions(),
+        out=out,
+        resume=resume,
+        progress=progress,
+        storage=storage,
+        shard_bytes=shard_bytes,
+        verify=verify,
+    )
+
+
+class RayExecution:
+    """Answer a run's plan over a Ray actor pool; each actor writes its own samples."""
+
+    label = "eval (ray)"
+
+    def __init__(self, model: str, ray_options: RayOptions) -> None:
+        """What each actor loads (``model``), and how many actors of what size."""
+        self.model = model
+        self.model_name = DEFAULT_MODEL_NAME if model == "default" else model
+        self.ray_options = ray_options
+
+    def execute(self, run: RunState, progress: Progress) -> Executed:
+        """Ship the plan to the actors; count the samples they wrote."""
+        return Executed(_run_on_ray(run, self.model, self.ray_options, progress))
+
+    def final_records(self, run: RunState) -> dict[str, dict[str, Any]]:
+        """Every record, read back from the merged manifest (the actors wrote them)."""
+        return {e.id: e.record for e in read_all_manifests(run.writer.root)}
+
+    def verify(self, run: RunState, count: int | None) -> dict[str, Any] | None:
+        """Re-check ``count`` samples on the driver, which then loads the model (0 or None: off)."""
+        if not count or run.capture is None:
+            return None
+        lm = load_model(self.model, **self.ray_options.load_kwargs)
+        return verify_after_run(lm, run.writer.root, count, len(run.records))
+
+    def extra(self) -> dict[str, Any]:
+        """The worker pool, for ``results.json["ray"]``."""
+        return {
+            "ray": {
+                "workers": self.ray_options.workers,
+                "gpus_per_worker": self.ray_options.gpus_per_worker,
+                "cpus_per_worker": self.ray_options.cpus_per_worker,
+            }
+        }
 
 
 def missing_resources(available: Mapping[str, float], ray_options: RayOptions) -> list[str]:
@@ -244,20 +252,9 @@ def missing_resources(available: Mapping[str, float], ray_options: RayOptions) -
     ]
 
 
-def _run_on_ray(
-    plan: list[Planned],
-    bench: Benchmark,
-    todo: list[Question],
-    model: str,
-    capture: CaptureSpec | None,
-    options: EvalOptions,
-    ray_options: RayOptions,
-    writer: Any,
-    shard_bytes: int,
-    progress: bool,
-) -> int:
+def _run_on_ray(run: RunState, model: str, ray_options: RayOptions, progress: Progress) -> int:
     """Answer the plan over an actor pool; return how many samples were written."""
-    if not plan:
+    if not run.plan:
         return 0
     import ray
     import ray.data
@@ -284,53 +281,41 @@ def _run_on_ray(
             )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        rows = [{"id": p.question.id, "mode": p.mode, "prompt": p.prompt} for p in plan]
+        rows = [{"id": p.question.id, "mode": p.mode, "prompt": p.prompt} for p in run.plan]
         # Prompts are built; actors only need the questions themselves (and no few-shot pool).
-        part = replace(bench, questions=list(todo), few_shot={})
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // options.batch_size))
+        part = replace(run.bench, questions=list(run.todo), few_shot={})
+        batch_size = run.options.batch_size
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
         answered = ds.map_batches(
             EvalActor,
             fn_constructor_kwargs={
                 "model": model,
                 "load_kwargs": ray_options.load_kwargs,
                 "bench": part,
-                "capture": capture,
-                "options": options,
-                "out": os.fspath(writer.root),
-                "storage": writer.storage,
-                "shard_bytes": shard_bytes,
+                "capture": run.capture,
+                "options": run.options,
+                "out": os.fspath(run.writer.root),
+                "storage": run.writer.storage,
+                "shard_bytes": run.shard_bytes,
                 "threads": int(ray_options.cpus_per_worker),
             },
-            batch_size=options.batch_size,
+            batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
             num_cpus=ray_options.cpus_per_worker,
             num_gpus=ray_options.gpus_per_worker or None,
         )
-        bar = _progress(len(bench.questions), len(bench.questions) - len(plan), progress)
         written = 0
         try:
             for out in answered.iter_batches(batch_size=None, batch_format="numpy"):
                 written += int(out["written"].sum())
-                if bar is not None:
-                    bar.update(len(out["id"]))
+                progress.advance(len(out["id"]))
         except Exception as e:  # Ray wraps the worker's error; keep it as the cause
             raise RunError(
-                f"{writer.root}: the Ray job failed ({type(e).__name__}: {str(e)[:500]}). "
+                f"{run.writer.root}: the Ray job failed ({type(e).__name__}: {str(e)[:500]}). "
                 "Finished samples are kept; fix the cause and rerun with --resume."
             ) from e
-        finally:
-            if bar is not None:
-                bar.close()
         return written
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="eval (ray)", unit="q", dynamic_ncols=True)

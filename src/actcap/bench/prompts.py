@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from actcap.bench.questions import LETTERS, Question
-from actcap.models.chat import format_prompt
+from actcap.models.chat import format_prompt, uses_chat_template
 
 Mode = Literal["generate", "loglik"]
 ANSWER_PREFIX = "Answer:"
@@ -53,8 +53,7 @@ def build_prompt(
         subject = q.category.replace("_", " ").strip()
         header = f"The following are multiple choice questions (with answers){f' about {subject}' if subject else ''}.\n\n"
     examples = "".join(question_block(s, _shot_answer(s)) + "\n\n" for s in shots)
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    if not use_chat:
+    if not uses_chat_template(tokenizer, chat):
         return header + examples + question_block(q)
     if shots or q.choices:
         body = header + examples + question_block(q).removesuffix(ANSWER_PREFIX).rstrip()

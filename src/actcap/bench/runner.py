@@ -1,18 +1,20 @@
-"""The evaluation runner: questions -> prompts -> batched answers -> grades -> run directory.
+"""The evaluation runner: questions -> prompts -> batched answers -> grades -> records.
 
-Each finished sample is written (activation file, then manifest line) as soon as its batch is
-done, so a crash loses at most the batch in flight; ``resume=True`` skips finished samples.
+What one run does with its questions: plan them (modes, prompts, batches), answer and grade a
+batch, and turn each answer into the record and the sample a writer takes; then summarise.
+:func:`run_benchmark` runs it in this process through :mod:`actcap.bench.orchestrator`, which
+holds the steps local and Ray runs share. Each finished sample is written (activation file,
+then manifest line) as soon as its batch is done, so a crash loses at most the batch in flight;
+``resume=True`` skips finished samples.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import sys
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,20 +32,20 @@ from actcap.bench.verify import (
     compute_record,
     nonfinite_message,
     nonfinite_summary,
-    verify_after_run,
 )
 from actcap.capture.collect import GenerationOptions
 from actcap.capture.sites import resolve_sites
 from actcap.capture.spec import CaptureSpec
 from actcap.errors import BenchmarkError
+from actcap.models.chat import adds_special_tokens
 from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
-from actcap.storage.background import BackgroundWriter
 from actcap.storage.format import SampleMeta, utc_now
-from actcap.storage.layout import SHARD_BYTES, Storage, resolve_storage
+from actcap.storage.layout import SAMPLES, SHARD_BYTES, SHARDS, Storage
+from actcap.storage.location import is_url, local_path
 from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
-from actcap.storage.writers import SampleWriter, open_writer
+from actcap.storage.writers import SampleWriter
 
 ModeOption = Literal["auto", "generate", "loglik"]
 DEFAULT_CAPTURE = CaptureSpec()
@@ -110,6 +112,97 @@ class EvalResult:
     verification: dict[str, Any] | None = None
     """Stored activations re-checked against the model run on each prompt alone (``--verify``),
     as in ``results.json``; None when not run."""
+    model: str = ""
+    """The model, as the summary names it."""
+    benchmark: str = ""
+    """The benchmark's name."""
+
+    def summary_lines(
+        self, benchmark: str | None = None, model: str | None = None
+    ) -> list[SummaryLine]:
+        """What ``actcap eval`` prints at the end, line by line (warnings marked).
+
+        Accuracy overall and per category, the speed, where the files are, then the run's checks
+        (values the storage dtype could not hold, the verification verdict), so that a failed
+        check is the last line.
+
+        Args:
+            benchmark: The benchmark's name as shown (default: :attr:`benchmark`).
+            model: The model's name as shown (default: :attr:`model`).
+        """
+        lines = [
+            SummaryLine(
+                f"{model or self.model} on {benchmark or self.benchmark}: accuracy "
+                f"{self.accuracy:.3f} ({self.n_correct}/{self.n})"
+            )
+        ]
+        for cat, r in self.per_category.items():
+            lines.append(
+                SummaryLine(
+                    f"  {cat or '(none)':<28} {r['accuracy']:.3f}  "
+                    f"({int(r['n_correct'])}/{int(r['n'])})"
+                )
+            )
+        if self.answered and self.wall_seconds > 0:
+            lines.append(
+                SummaryLine(
+                    f"answered {self.answered} questions in {self.wall_seconds:.1f} s "
+                    f"({self.answered / self.wall_seconds:.2f} q/s)"
+                )
+            )
+        if self.out is not None:
+            lines.append(
+                SummaryLine(
+                    f"run directory: {self.out}  (manifest.jsonl, results.json, "
+                    f"{activation_layout(self.out)})"
+                )
+            )
+        return lines + self.check_lines()
+
+    def check_lines(self) -> list[SummaryLine]:
+        """The run's checks: values the storage dtype could not hold, the verification verdict."""
+        from actcap.bench.verify import verification_from_json
+
+        lines: list[SummaryLine] = []
+        nonfinite = nonfinite_summary(self.records)
+        if nonfinite is not None:
+            message = nonfinite_message(nonfinite, "float16")
+            lines.append(SummaryLine(f"WARNING: {message}", warning=True))
+        verification = self.verification
+        if not verification:
+            return lines
+        if verification.get("passed") is None:
+            problems = "; ".join(verification.get("problems") or []) or "nothing to check"
+            return [*lines, SummaryLine(f"verification: not run ({problems})")]
+        line = verification_from_json(verification).summary()
+        if verification["passed"]:
+            return [*lines, SummaryLine(line)]
+        return [*lines, SummaryLine(f"WARNING: {line}", warning=True)]
+
+
+@dataclass(frozen=True)
+class SummaryLine:
+    """One line of an evaluation's printed summary."""
+
+    text: str
+    warning: bool = False
+    """A failed check: printed in red on stderr."""
+
+
+def activation_layout(out: Any) -> str:
+    """Where a run's activations are: ``samples/``, ``shards/``, both, or none (no capture).
+
+    Both appear when a resume changed the layout.
+    """
+    if is_url(os.fspath(out)):
+        return f"{SHARDS}/"
+    root = local_path(out)
+    used = [
+        f"{name}/"
+        for name in (SAMPLES, SHARDS)
+        if (root / name).is_dir() and any(True for _ in (root / name).iterdir())
+    ]
+    return " and ".join(used) if used else "no activation files: captured nothing"
 
 
 def mode_for(q: Question, option: ModeOption) -> Mode:
@@ -148,7 +241,7 @@ def fit_prompt(lm: LoadedModel, qid: str, prompt: str, room: int, overflow: str)
     Raises:
         BenchmarkError: When the prompt is too long and ``overflow`` is ``error``.
     """
-    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    add_special = adds_special_tokens(lm.tokenizer)
     text = prompt
     if len(prompt) > max_prompt_chars(room):
         # Too long to fit whatever its tokens: never tokenise it all (memory grows with the text).
@@ -346,7 +439,7 @@ def run_sites(lm: LoadedModel, capture: CaptureSpec | None) -> list[Any]:
 
 
 def finish_run(
-    writer: SampleWriter | None,
+    writer: SampleWriter,
     bench: Benchmark,
     records: Mapping[str, dict[str, Any]],
     *,
@@ -371,30 +464,27 @@ def finish_run(
         n_correct,
         per_cat,
         ordered,
-        writer.root if writer is not None else None,
+        writer.root,
         wall_seconds=wall,
         answered=answered,
         write_wait_seconds=waited,
     )
-    if writer is not None:
-        writer.write_results(
-            {
-                "accuracy": acc,
-                "n": n,
-                "n_correct": n_correct,
-                "per_category": per_cat,
-                "n_questions": len(bench.questions),
-                "answered_this_session": answered,
-                "wall_seconds": round(wall, 3),
-                "questions_per_second": round(answered / wall, 3)
-                if wall > 0 and answered
-                else None,
-                "write_wait_seconds": round(waited, 3),
-                **({"nonfinite": nonfinite} if nonfinite is not None else {}),
-                **(extra or {}),
-                "finished": utc_now(),
-            }
-        )
+    writer.write_results(
+        {
+            "accuracy": acc,
+            "n": n,
+            "n_correct": n_correct,
+            "per_category": per_cat,
+            "n_questions": len(bench.questions),
+            "answered_this_session": answered,
+            "wall_seconds": round(wall, 3),
+            "questions_per_second": round(answered / wall, 3) if wall > 0 and answered else None,
+            "write_wait_seconds": round(waited, 3),
+            **({"nonfinite": nonfinite} if nonfinite is not None else {}),
+            **(extra or {}),
+            "finished": utc_now(),
+        }
+    )
     return result
 
 
@@ -438,89 +528,21 @@ def run_benchmark(
         RunError: The run directory is locked, holds another run, or cannot be written.
         BenchmarkError: A question cannot be answered as asked.
     """
-    options = options or EvalOptions()
-    bench = benchmark.limited(options.limit)
-    sites = run_sites(lm, capture)
-    layout = resolve_storage(storage, len(bench.questions), out)
-    config = run_config(lm, bench, capture, sites, options, layout, benchmark.questions)
-    writer = (
-        open_writer(out, config, resume=resume, storage=layout, shard_bytes=shard_bytes)
-        if out is not None
-        else None
+    from actcap.bench.orchestrator import LocalExecution, orchestrate  # it builds on this module
+
+    return orchestrate(
+        lm,
+        benchmark,
+        LocalExecution(lm, on_sample),
+        capture=capture,
+        options=options or EvalOptions(),
+        out=out,
+        resume=resume,
+        progress=progress,
+        storage=storage,
+        shard_bytes=shard_bytes,
+        verify=verify,
     )
-    records: dict[str, dict[str, Any]] = {}
-    if writer is not None:
-        records.update({qid: e.record for qid, e in writer.done.items()})
-    background = (
-        BackgroundWriter(writer, on_written=on_sample)
-        if writer is not None and options.background_write
-        else None
-    )
-    bar = None
-    try:
-        todo = [q for q in bench.questions if q.id not in records]
-        plan = plan_questions(lm, bench, todo, options)
-        t0 = time.perf_counter()
-        bar = _progress(len(bench.questions), len(records), progress)
-        # Running counts for the progress bar (summarising every record per sample is quadratic).
-        _, graded, right, _ = summarize(list(records.values()))
-        for batch in plan_batches(plan, options.batch_size):
-            for q, a, record in answer_batch(lm, bench, batch, capture, sites, options):
-                records[q.id] = record
-                if writer is not None:
-                    sample = finished_sample(lm.display_name, bench, q, a, record, capture)
-                    if background is not None:
-                        background.submit(sample)
-                    else:
-                        entry = writer.write(sample)
-                        if on_sample is not None:
-                            on_sample(entry)
-                if bar is not None:
-                    if record["correct"] is not None:
-                        graded += 1
-                        right += bool(record["correct"])
-                    bar.update(1)
-                    bar.set_postfix(acc=f"{right / graded if graded else 0.0:.3f}", n=graded)
-        if background is not None:
-            background.close()
-        if writer is not None:
-            writer.flush()
-        wall = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-            bar = None
-        waited = background.blocked_seconds if background is not None else 0.0
-        if writer is not None:
-            writer.merge_segments([q.id for q in bench.questions])
-        root = writer.root if writer is not None and capture is not None else None
-        verification = verify_after_run(lm, root, verify, len(records))
-        result = finish_run(
-            writer,
-            bench,
-            records,
-            answered=len(todo),
-            wall=wall,
-            waited=waited,
-            extra={"verification": verification} if verification is not None else None,
-        )
-        result.verification = verification
-        return result
-    finally:
-        if bar is not None:
-            bar.close()  # on an error path or Ctrl-C: end the bar's line before any message
-        if background is not None:
-            with contextlib.suppress(BaseException):
-                background.close()  # on an error path: finish what is queued, keep the first error
-        if writer is not None:
-            writer.close()
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="eval", unit="q", dynamic_ncols=True)
 
 
 def _grade_and_record(

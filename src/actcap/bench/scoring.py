@@ -31,6 +31,7 @@ from actcap.capture.hooks import Recorder, recording
 from actcap.capture.sites import Site
 from actcap.capture.spec import CaptureSpec
 from actcap.capture.stats import ChunkPlan, StatsCollector
+from actcap.models.chat import adds_special_tokens
 from actcap.models.loading import LoadedModel
 
 ChoiceFormat = Literal["letter", "text"]
@@ -197,7 +198,7 @@ def _loglik_shared_prefix(
 
     Returns None when the prompts share too short a prefix (the caller takes the plain path).
     """
-    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    add_special = adds_special_tokens(lm.tokenizer)
     rows = [lm.tokenizer.encode(p, add_special_tokens=add_special) for p in ps]
     n_prefix = _common_prefix_length(rows)
     n_prefix = min(n_prefix, min(len(r) for r in rows) - 1)  # every question keeps a token
@@ -324,7 +325,7 @@ def _score_texts(
         f" {LETTERS[i]}" if choice_format == "letter" else f" {c}"
         for i, c in enumerate(q.choices or ())
     ]
-    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    add_special = adds_special_tokens(lm.tokenizer)
     n_prompt = len(lm.tokenizer.encode(prompt, add_special_tokens=add_special))
     out: list[float] = []
     for start in range(0, len(conts), batch_size):

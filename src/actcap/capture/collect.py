@@ -21,6 +21,7 @@ from actcap.capture.sites import Site, resolve_sites
 from actcap.capture.spec import CaptureSpec, TokenSelection
 from actcap.capture.stats import ChunkPlan, StatsCollector
 from actcap.errors import CaptureError
+from actcap.models.chat import adds_special_tokens
 from actcap.models.loading import LoadedModel
 
 
@@ -67,7 +68,7 @@ def encode(
     Prompts are full texts (chat template already applied), so no special tokens are added unless
     the tokenizer has no chat template (then its usual BOS is added).
     """
-    add_special = not bool(getattr(lm.tokenizer, "chat_template", None))
+    add_special = adds_special_tokens(lm.tokenizer)
     batch = lm.tokenizer(
         list(prompts),
         return_tensors="pt",

@@ -66,15 +66,16 @@ def analyze(
     tokens: str | None,
 ) -> None:
     """Statistics of one file, a summary of a directory, or a comparison of two files."""
-    from actcap.analysis import compare_files, directory_summary, file_stats
+    from actcap.api import analyse_file, analyse_run
+    from actcap.api import compare as compare_files
 
     chosen = [s.strip() for s in sites.split(",")] if sites else None
     if sum(bool(x) for x in (file, directory, compare)) != 1:
         raise click.UsageError("Give exactly one of --file, --directory or --compare.")
     if file:
-        print_stats(file_stats(file, chosen, parse_tokens(tokens)))
+        print_stats(analyse_file(file, sites=chosen, tokens=parse_tokens(tokens)))
     elif directory:
-        s = directory_summary(directory, chosen)
+        s = analyse_run(directory, sites=chosen)
         click.echo(f"{directory}: {s.n_files} files read, {len(s.skipped)} skipped")
         for path, why in s.skipped.files[:10]:
             click.echo(f"  skipped {path}: {why}")
@@ -293,9 +294,9 @@ def lens(file: str, model: str | None, token: int, k: int) -> None:
 @reports_errors
 def export(**kw: Any) -> None:
     """Export one site of a run (streaming, bounded memory) for SAE training or probes."""
-    from actcap.analysis.export import export_site
+    from actcap.api import export
 
-    result = export_site(
+    result = export(
         kw["run"],
         kw["site"],
         kw["out"],

@@ -1,8 +1,13 @@
-"""``actcap eval``: answer a benchmark, grade it, and store every sample's activations."""
+"""``actcap eval``: answer a benchmark, grade it, and store every sample's activations.
+
+Click's parameters become one typed :class:`EvalArgs`; :func:`run_eval` turns it into the
+facade's :func:`actcap.api.evaluate` call (locally or on Ray) and prints the summary.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import click
 
@@ -20,7 +25,7 @@ from actcap.cli.common import (
     sites_option,
     token_option,
 )
-from actcap.cli.verify_cmd import checks_printed_not_warned, print_run_checks
+from actcap.cli.verify_cmd import checks_printed_not_warned
 
 scale_options = [
     click.option(
@@ -70,6 +75,85 @@ scale_options = [
         help="With --ray: CPUs each actor reserves (and its torch threads).",
     ),
 ]
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """``actcap eval``'s options, one field per option, as click parsed them."""
+
+    model: str
+    benchmark: str
+    task: str | None
+    tasks_path: str | None
+    num_fewshot: int | None
+    apply_chat_template: bool
+    out: str | None
+    resume: bool
+    few_shot: int
+    mode: Literal["auto", "generate", "loglik"]
+    grader: str | None
+    choice_format: Literal["letter", "text"]
+    batch_size: int
+    max_new_tokens: int
+    limit: int | None
+    layers: str | None
+    kinds: str
+    token_selection: str
+    dtype: str
+    capture_generated: bool
+    no_capture: bool
+    overflow: Literal["error", "truncate"]
+    fields: tuple[str, ...]
+    device: str
+    device_map: str | None
+    max_memory: str | None
+    offload_folder: str | None
+    storage: Literal["auto", "files", "shards"]
+    shard_size: str
+    use_ray: bool
+    ray_address: str | None
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    verify: int | None
+    quiet: bool
+
+    def capture_spec(self) -> Any:
+        """The capture spec of ``--layers``, ``--sites``, ...; None with ``--no-capture``."""
+        return capture_spec(vars(self))
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """``load_model``'s keyword arguments from ``--device``, ``--device-map``, ..."""
+        return placement_kwargs(vars(self))
+
+    def eval_options(self) -> Any:
+        """The answering and grading options (:class:`~actcap.bench.EvalOptions`)."""
+        from actcap.bench.runner import EvalOptions
+
+        return EvalOptions(
+            mode=self.mode,
+            few_shot=self.few_shot,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            grader=self.grader,
+            choice_format=self.choice_format,
+            limit=self.limit,
+            overflow=self.overflow,
+        )
+
+    def ray_options(self) -> Any:
+        """The Ray workers (:class:`~actcap.bench.distributed.RayOptions`), or None without ``--ray``."""
+        if not self.use_ray:
+            return None
+        from actcap.bench.distributed import RayOptions
+
+        return RayOptions(
+            workers=self.workers,
+            gpus_per_worker=self.gpus_per_worker,
+            cpus_per_worker=self.cpus_per_worker,
+            address=self.ray_address,
+            load_kwargs=self.load_kwargs(),
+        )
 
 
 def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
@@ -208,13 +292,14 @@ def eval_command(**kw: Any) -> None:
     """Evaluate a model on a benchmark, capturing activations for every question."""
     from actcap.cli.lm_eval_cmd import dispatch_task
 
-    if dispatch_task(kw):  # --task: lm-evaluation-harness tasks
+    args = EvalArgs(**kw)
+    if dispatch_task(args):  # --task: lm-evaluation-harness tasks
         return
-    refuse_ray_options_without_ray(kw["use_ray"])
-    out = kw["out"] or default_out(kw["benchmark"])
+    refuse_ray_options_without_ray(args.use_ray)
+    out = args.out or default_out(args.benchmark)
     try:
         with checks_printed_not_warned():
-            run_eval(kw, out)
+            run_eval(args, out)
     except KeyboardInterrupt:
         click.echo(interrupted_message(out), err=True)
         raise click.exceptions.Exit(130) from None
@@ -253,69 +338,26 @@ def interrupted_message(out: str, out_flag: str = "--out") -> str:
     )
 
 
-def run_eval(kw: dict[str, Any], out: str) -> None:
-    """Load, answer, grade and store, then print the summary (the body of ``actcap eval``)."""
-    from actcap.bench.runner import EvalOptions, run_benchmark
-    from actcap.bench.sources import load_benchmark
-    from actcap.models.loading import load_model
+def run_eval(args: EvalArgs, out: str) -> None:
+    """Evaluate through the facade, then print the summary (the body of ``actcap eval``)."""
+    from actcap.api import evaluate, print_summary
 
-    bench = load_benchmark(kw["benchmark"], parse_fields(kw["fields"]))
-    capture = capture_spec(kw)
-    options = EvalOptions(
-        mode=kw["mode"],
-        few_shot=kw["few_shot"],
-        batch_size=kw["batch_size"],
-        max_new_tokens=kw["max_new_tokens"],
-        grader=kw["grader"],
-        choice_format=kw["choice_format"],
-        limit=kw["limit"],
-        overflow=kw["overflow"],
-    )
-    if kw["grader"]:
-        from actcap.bench.graders import get_grader
-
-        get_grader(kw["grader"])  # fail before loading the model
-    load = placement_kwargs(kw)
-    storage = {"storage": kw["storage"], "shard_bytes": parse_size(kw["shard_size"])}
-    if kw["use_ray"]:
-        from actcap.bench.distributed import RayOptions, run_benchmark_ray
-
-        ray_options = RayOptions(
-            workers=kw["workers"],
-            gpus_per_worker=kw["gpus_per_worker"],
-            cpus_per_worker=kw["cpus_per_worker"],
-            address=kw["ray_address"],
-            load_kwargs=load,
-        )
-        result = run_benchmark_ray(
-            kw["model"],
-            bench,
-            out,
-            capture=capture,
-            options=options,
-            ray_options=ray_options,
-            resume=kw["resume"],
-            progress=not kw["quiet"],
-            verify=kw["verify"] or 0,
-            **storage,
-        )
-        from actcap.models.builtin import DEFAULT_MODEL_NAME
-
-        report(result, bench.name, DEFAULT_MODEL_NAME if kw["model"] == "default" else kw["model"])
-        return
-    lm = load_model(kw["model"], **load)
-    result = run_benchmark(
-        lm,
-        bench,
-        capture=capture,
-        options=options,
+    result = evaluate(
+        args.benchmark,
+        args.model,
         out=out,
-        resume=kw["resume"],
-        progress=not kw["quiet"],
-        verify=kw["verify"],
-        **storage,
+        capture=args.capture_spec(),
+        options=args.eval_options(),
+        resume=args.resume,
+        storage=args.storage,
+        shard_bytes=parse_size(args.shard_size),
+        ray=args.ray_options(),
+        progress=not args.quiet,
+        verify=args.verify,
+        fields=parse_fields(args.fields),
+        load=args.load_kwargs(),
     )
-    report(result, bench.name, lm.display_name)
+    print_summary(result)
 
 
 def default_out(benchmark: str) -> str:
@@ -335,41 +377,7 @@ def default_out(benchmark: str) -> str:
 
 
 def report(result: Any, benchmark: str, model: str) -> None:
-    """Print accuracy overall and per category, and where the files are."""
-    click.echo(
-        f"{model} on {benchmark}: accuracy {result.accuracy:.3f} ({result.n_correct}/{result.n})"
-    )
-    for cat, r in result.per_category.items():
-        click.echo(
-            f"  {cat or '(none)':<28} {r['accuracy']:.3f}  ({int(r['n_correct'])}/{int(r['n'])})"
-        )
-    if result.answered and result.wall_seconds > 0:
-        click.echo(
-            f"answered {result.answered} questions in {result.wall_seconds:.1f} s ({result.answered / result.wall_seconds:.2f} q/s)"
-        )
-    if result.out is not None:
-        click.echo(
-            f"run directory: {result.out}  (manifest.jsonl, results.json, {layout(result.out)})"
-        )
-    print_run_checks(result)  # last, so that a failed check is the final line
+    """Print accuracy overall and per category, where the files are, and the run's checks."""
+    from actcap.api import print_summary
 
-
-def layout(out: Any) -> str:
-    """Where a run's activations are: ``samples/``, ``shards/``, both, or none (no capture).
-
-    Both appear when a resume changed the layout.
-    """
-    import os
-
-    from actcap.storage.layout import SAMPLES, SHARDS
-    from actcap.storage.location import is_url, local_path
-
-    if is_url(os.fspath(out)):
-        return f"{SHARDS}/"
-    root = local_path(out)
-    used = [
-        f"{name}/"
-        for name in (SAMPLES, SHARDS)
-        if (root / name).is_dir() and any(True for _ in (root / name).iterdir())
-    ]
-    return " and ".join(used) if used else "no activation files: captured nothing"
+    print_summary(result, benchmark=benchmark, model=model)

@@ -57,8 +57,8 @@ def generate(
     capture_generated: bool,
 ) -> None:
     """Answer PROMPT with the model and capture its activations."""
-    from actcap.api import generate_inference_with_activations
-    from actcap.models.loading import LoadedModel, load_model
+    from actcap.api import capture, load_model
+    from actcap.models.loading import LoadedModel
 
     placed = placement_kwargs(
         {
@@ -69,11 +69,11 @@ def generate(
         }
     )
     lm: str | LoadedModel = load_model(model, **placed) if device_map else model
-    response, data = generate_inference_with_activations(
+    (captured,) = capture(
         prompt,
         lm,
-        save_path=save_path,
-        layers_to_capture=parse_layers(layers),
+        save=save_path,
+        layers=parse_layers(layers),
         sites=parse_kinds(kinds),  # type: ignore[arg-type]
         token_selection=token_selection,  # type: ignore[arg-type]
         dtype=dtype,
@@ -81,8 +81,9 @@ def generate(
         capture_generated=capture_generated,
         device=device,
     )
+    response = captured.response
     click.echo(response)
-    acts = data["activations"]
+    acts = captured.activations
     first = next(iter(acts.values()))
     where = (
         f"saved to {save_path}"

@@ -9,16 +9,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from actcap.cli.common import (
-    capture_spec,
     parse_size,
-    placement_kwargs,
     reports_errors,
 )
+
+if TYPE_CHECKING:
+    from actcap.cli.eval_cmd import EvalArgs
 
 TASK_ONLY = ("tasks_path", "num_fewshot", "apply_chat_template")
 """Options of ``eval`` that mean something with ``--task`` only."""
@@ -54,7 +55,7 @@ def _given(names: tuple[str, ...]) -> list[str]:
     ]
 
 
-def dispatch_task(kw: dict[str, Any]) -> bool:
+def dispatch_task(args: EvalArgs) -> bool:
     """Run ``actcap eval --task`` when ``--task`` is given; refuse its options without it.
 
     Returns:
@@ -63,7 +64,7 @@ def dispatch_task(kw: dict[str, Any]) -> bool:
     Raises:
         click.UsageError: For options that do not go together.
     """
-    if not kw.get("task"):
+    if not args.task:
         stray = _given(TASK_ONLY)
         if stray:
             raise click.UsageError(
@@ -83,7 +84,7 @@ def dispatch_task(kw: dict[str, Any]) -> bool:
             f"{', '.join(wrong)} cannot go with --task: lm-eval's tasks set their own prompts, "
             f"few-shot examples, answering and metrics{instead}."
         )
-    run_task_eval(kw)
+    run_task_eval(args)
     return True
 
 
@@ -105,46 +106,46 @@ def default_task_out(names: list[str]) -> str:
     return f"runs/{stem}" + (f"+{len(names) - 1}" if len(names) > 1 else "")
 
 
-def run_task_eval(kw: dict[str, Any]) -> None:
+def run_task_eval(args: EvalArgs) -> None:
     """Load the model, answer the tasks, print actcap's summary and lm-eval's metrics."""
     from actcap.cli.eval_cmd import interrupted_message
 
-    names = task_names(kw["task"])
-    out = kw["out"] or default_task_out(names)
+    names = task_names(args.task or "")
+    out = args.out or default_task_out(names)
     try:
-        _run(kw, names, out)
+        _run(args, names, out)
     except KeyboardInterrupt:
         click.echo(interrupted_message(out), err=True)
         raise click.exceptions.Exit(130) from None
 
 
-def _run(kw: dict[str, Any], names: list[str], out: str) -> None:
+def _run(args: EvalArgs, names: list[str], out: str) -> None:
     from actcap.lm_eval import require_lm_eval
 
     require_lm_eval("actcap eval --task")  # before the model loads
-    from actcap.cli.eval_cmd import report
+    from actcap.api import print_summary
     from actcap.lm_eval import run_tasks
     from actcap.models import load_model
 
-    capture = capture_spec(kw)
-    lm = load_model(kw["model"], **placement_kwargs(kw))
+    capture = args.capture_spec()
+    lm = load_model(args.model, **args.load_kwargs())
     result = run_tasks(
         lm,
         names,
         out=out,
         capture=capture,
-        tasks_path=kw["tasks_path"],
-        num_fewshot=kw["num_fewshot"],
-        apply_chat_template=kw["apply_chat_template"],
-        batch_size=kw["batch_size"],
-        limit=kw["limit"],
-        resume=kw["resume"],
-        storage=kw["storage"],
-        shard_bytes=parse_size(kw["shard_size"]),
-        progress=not kw["quiet"],
+        tasks_path=args.tasks_path,
+        num_fewshot=args.num_fewshot,
+        apply_chat_template=args.apply_chat_template,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        resume=args.resume,
+        storage=args.storage,
+        shard_bytes=parse_size(args.shard_size),
+        progress=not args.quiet,
     )
     print_lm_eval_metrics(result.lm_eval)
-    report(result, "lm-eval:" + ",".join(names), lm.display_name)
+    print_summary(result, benchmark="lm-eval:" + ",".join(names), model=lm.display_name)
 
 
 def print_lm_eval_metrics(results: dict[str, Any]) -> None:

@@ -10,6 +10,20 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def uses_chat_template(tokenizer: Any, chat: bool | None = None) -> bool:
+    """Whether a prompt gets the chat template: ``chat`` when given, else when there is one."""
+    return has_chat_template(tokenizer) if chat is None else chat
+
+
+def adds_special_tokens(tokenizer: Any) -> bool:
+    """Whether tokenising a formatted prompt adds the tokenizer's special tokens (its BOS).
+
+    A chat-formatted prompt already holds them, written out by the template; a plain prompt
+    (a tokenizer without a chat template) gets them from the tokenizer.
+    """
+    return not has_chat_template(tokenizer)
+
+
 def format_prompt(
     tokenizer: Any,
     user: str,
@@ -31,8 +45,7 @@ def format_prompt(
     Returns:
         The full prompt text, special tokens written out, ready to tokenize without adding more.
     """
-    use_chat = has_chat_template(tokenizer) if chat is None else chat
-    if not use_chat:
+    if not uses_chat_template(tokenizer, chat):
         return user + assistant_prefix
     messages: list[dict[str, str]] = []
     if system is not None:

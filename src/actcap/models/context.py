@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from actcap.errors import CaptureError
-from actcap.models.chat import has_chat_template
+from actcap.models.chat import adds_special_tokens
 
 MAX_CHARS_PER_TOKEN = 64
 """More characters than any real token spans; bounds the text a context of N tokens can hold."""
@@ -74,7 +74,7 @@ def check_prompt_length(lm: Any, text: str, room: int, what: str = "The prompt")
             f"{context_length(lm):,} tokens. Ask for fewer new tokens."
         )
     check_prompt_chars(text, room, what)
-    add_special = not has_chat_template(lm.tokenizer)
+    add_special = adds_special_tokens(lm.tokenizer)
     n = len(lm.tokenizer.encode(text, add_special_tokens=add_special))
     if n > room:
         raise CaptureError(

@@ -4,6 +4,10 @@ Writes keep their order and their guarantees (file first, then the manifest line
 thread behind a bounded queue, so memory stays bounded when the disk is slower than the model.
 Time the model spends waiting on a full queue is measured. An error in the worker is raised in
 the caller at its next ``submit`` or at ``close``.
+
+:class:`InlineWriter` offers the same calls (``submit``, ``flush``, ``close``,
+``blocked_seconds``) and writes in the caller's thread, so the runner hands samples to a
+:class:`SampleSink` without knowing which one it has.
 """
 
 from __future__ import annotations
@@ -12,13 +16,61 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
 from actcap.storage.writers import SampleWriter
 
 _STOP = object()
+
+
+class SampleSink(Protocol):
+    """Where the runner hands finished samples: written inline or by a background thread."""
+
+    blocked_seconds: float
+    """Time ``submit`` spent waiting (always 0 inline)."""
+
+    def submit(self, item: FinishedSample) -> None:
+        """Hand over one sample to write."""
+        ...
+
+    def flush(self) -> None:
+        """Wait until every sample handed over is written (and durable)."""
+        ...
+
+    def close(self) -> None:
+        """Write what is pending and stop; the writer itself stays open (its owner closes it)."""
+        ...
+
+
+class InlineWriter:
+    """Write each sample in the caller's thread as it is submitted."""
+
+    def __init__(
+        self, writer: SampleWriter, on_written: Callable[[ManifestEntry], None] | None = None
+    ) -> None:
+        """Wrap ``writer`` (owned by the caller, closed by it).
+
+        Args:
+            writer: The run writer.
+            on_written: Called after each sample is in the manifest.
+        """
+        self.writer = writer
+        self.on_written = on_written
+        self.blocked_seconds = 0.0
+
+    def submit(self, item: FinishedSample) -> None:
+        """Write one sample now."""
+        entry = self.writer.write(item)
+        if self.on_written is not None:
+            self.on_written(entry)
+
+    def flush(self) -> None:
+        """Nothing is pending: every sample was written in :meth:`submit`."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
 
 
 class BackgroundWriter:

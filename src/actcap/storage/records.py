@@ -73,3 +73,28 @@ class FinishedSample:
     def has_activations(self) -> bool:
         """Whether there is an activation file to write."""
         return self.activations is not None and self.meta is not None
+
+
+def activation_dict(
+    meta: SampleMeta,
+    activations: Mapping[str, Tensor],
+    input_ids: Tensor | None,
+    output_ids: Tensor | None,
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The seed pipeline's activation dictionary: the one shape ``load_activations`` returns.
+
+    ``{"prompt", "response", "model", "timestamp", "input_ids", "output_ids",
+    "activations": {site: tensor}, "metadata": {...}}``; the compatibility functions of
+    :mod:`actcap.compat` return it too.
+    """
+    return {
+        "prompt": meta.prompt,
+        "response": meta.response,
+        "model": meta.model,
+        "timestamp": meta.timestamp,
+        "input_ids": input_ids,
+        "output_ids": output_ids,
+        "activations": dict(activations),
+        "metadata": dict(metadata),
+    }

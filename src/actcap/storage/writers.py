@@ -1,4 +1,8 @@
-"""Choosing a run writer: a local run directory or an fsspec URL, the main writer or an extra one."""
+"""Choosing a run writer: a local run directory or an fsspec URL, the main writer or an extra one.
+
+:class:`NullWriter` is the writer of a run kept in memory (no ``out``): it takes every call and
+writes nothing, so the evaluation code never asks whether it has a writer.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +42,52 @@ class SampleWriter(Protocol):
         """Write ``results.json``."""
         ...
 
+    def write_stats(self, data: bytes) -> str:
+        """Write ``stats.safetensors`` (statistics over every token)."""
+        ...
+
     def close(self) -> None:
         """Finish writing."""
         ...
+
+
+class NullWriter:
+    """A run writer that writes nothing: the evaluation of a run kept in memory (no ``out``).
+
+    It answers every :class:`SampleWriter` call: ``root`` is None, nothing is done yet, a written
+    sample comes back as the manifest entry it would have had (no file), and ``results.json`` is
+    not written.
+    """
+
+    root: Any = None
+    storage: str = "none"
+    writer_id: str = ""
+
+    def __init__(self) -> None:
+        """An empty run."""
+        self.done: dict[str, ManifestEntry] = {}
+
+    def write(self, sample: FinishedSample) -> ManifestEntry:
+        """The sample's manifest entry; nothing is stored."""
+        return ManifestEntry(sample.id, None, {"id": sample.id, **sample.record})
+
+    def flush(self) -> None:
+        """Nothing to make durable."""
+
+    def merge_segments(self, order: Iterable[str] | None = None) -> int:
+        """No segments: 0 lines merged."""
+        return 0
+
+    def write_results(self, results: Mapping[str, Any]) -> str:
+        """Nothing is written; the empty string stands for no file."""
+        return ""
+
+    def write_stats(self, data: bytes) -> str:
+        """Nothing is written; the empty string stands for no file."""
+        return ""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def open_writer(

@@ -1,29 +1,106 @@
-"""The seed pipeline's benchmark functions: answer (and grade) one question, optionally capturing.
+"""The seed pipeline's public functions, kept with their names, arguments and return shapes.
 
-``answer_and_grade_benchmark_question(question, model)`` keeps its old behaviour (no capture);
-``capture_activations=True`` also writes the activation file.
+The pipeline actcap grew from offered ``generate_inference_with_activations``,
+``answer_benchmark_question_with_activations``, ``answer_and_grade_benchmark_question`` and
+``load_activations``; they live here, on top of the facade (:mod:`actcap.api`), and the package
+root re-exports them. New code calls :func:`actcap.capture` and :func:`actcap.evaluate`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from actcap.api import capture, load_model
 from actcap.bench.graders import get_grader
 from actcap.bench.prompts import Mode, build_prompt
 from actcap.bench.questions import Benchmark, Question
-from actcap.bench.runner import EvalOptions, ModeOption, grader_name_for, mode_for
+from actcap.bench.runner import ModeOption, grader_name_for, mode_for
 from actcap.bench.scoring import Answer, answer_generate, answer_loglik
 from actcap.capture.collect import GenerationOptions
-from actcap.capture.sites import LayerRequest, resolve_sites
+from actcap.capture.sites import LayerRequest, SiteKind, resolve_sites
 from actcap.capture.spec import CaptureSpec, TokenSelection
-from actcap.models.loading import LoadedModel, load_model
-from actcap.storage.files import save_activations
+from actcap.models.loading import LoadedModel
+from actcap.storage.files import load_activations, save_activations
 from actcap.storage.format import SampleMeta
 from actcap.storage.layout import sample_filename
+from actcap.storage.records import activation_dict
+
+__all__ = [
+    "answer_and_grade_benchmark_question",
+    "answer_benchmark_question_with_activations",
+    "as_question",
+    "generate_inference_with_activations",
+    "load_activations",
+]
+
+
+def generate_inference_with_activations(
+    prompt: str,
+    model: str | LoadedModel = "default",
+    save_path: str | os.PathLike[str] | None = None,
+    layers_to_capture: LayerRequest = None,
+    *,
+    max_new_tokens: int = 128,
+    token_selection: TokenSelection = "all",
+    dtype: str = "float32",
+    sites: Sequence[SiteKind] = ("resid",),
+    capture_generated: bool = False,
+    chat: bool | None = None,
+    device: str = "auto",
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Answer a prompt and return the answer with the activations recorded while reading it.
+
+    Args:
+        prompt: The user's message; the model's chat template is applied when it has one.
+        model: ``"default"`` (built-in SmolLM2-135M-Instruct), a hub id, a local folder, a
+            ``.gguf`` file, or an already loaded model. Loaded once per process.
+        save_path: Also write a ``.safetensors`` activation file here.
+        layers_to_capture: ``None`` for embeddings plus every layer; indices (``[0, 5, -1]``),
+            ranges (``"0-3"``) or site names (``["layer_2", "layer_2.mlp"]``).
+        max_new_tokens: Upper bound on the answer's length.
+        token_selection: ``all`` tokens, the ``last`` one, or their ``mean``.
+        dtype: Storage dtype: ``float32``, ``float16`` or ``bfloat16``.
+        sites: For layers given by index: ``resid``, ``attn``, ``mlp``.
+        capture_generated: Also capture the answer's tokens (one tensor covers prompt and answer).
+        chat: Force the chat template on or off (default: use it when the model has one).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        extra: Anything to store in the file's ``extra`` metadata.
+
+    Returns:
+        ``(response, activation_data)``, where ``activation_data`` is the dictionary that
+        :func:`actcap.load_activations` returns for the saved file.
+
+    Raises:
+        WriteError: When ``save_path`` is a folder (checked before the model is loaded).
+        CaptureError: When the prompt is longer than the model's context less
+            ``max_new_tokens`` (a prompt far too long is refused before it is tokenised).
+
+    Example:
+        >>> response, data = generate_inference_with_activations(
+        ...     "What is the capital of France?", "default", layers_to_capture=[0, -1])
+        >>> response
+        'The capital of France is Paris.'
+    """
+    (captured,) = capture(
+        prompt,
+        model,
+        layers=layers_to_capture,
+        sites=sites,
+        token_selection=token_selection,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        capture_generated=capture_generated,
+        chat=chat,
+        device=device,
+        save=save_path,
+        extra=extra,
+    )
+    return captured.response, captured.to_dict()
 
 
 def as_question(question: Question | Mapping[str, Any]) -> Question:
@@ -96,17 +173,9 @@ def answer_benchmark_question_with_activations(
     path: Path | None = None
     if save_activations:
         path = save_activations_file(Path(activation_save_dir) / sample_filename(q.id), a, meta)
-    data = {
-        "prompt": a.prompt,
-        "response": a.response,
-        "model": meta.model,
-        "timestamp": meta.timestamp,
-        "input_ids": a.input_ids,
-        "output_ids": a.output_ids,
-        "activations": a.activations,
-        "metadata": {"token_selection": token_selection, "dtype": spec.dtype, "extra": meta.extra},
-        "file": str(path) if path else None,
-    }
+    metadata = {"token_selection": token_selection, "dtype": spec.dtype, "extra": meta.extra}
+    data = activation_dict(meta, a.activations, a.input_ids, a.output_ids, metadata)
+    data["file"] = str(path) if path else None
     return a.response, data
 
 
@@ -175,11 +244,3 @@ def answer_and_grade_benchmark_question(
         path = save_activations_file(Path(activation_save_dir) / sample_filename(q.id), a, meta)
         result["activation_file"] = str(path)
     return result
-
-
-__all__ = [
-    "EvalOptions",
-    "answer_and_grade_benchmark_question",
-    "answer_benchmark_question_with_activations",
-    "as_question",
-]
