@@ -17,7 +17,7 @@ from actcap.analysis.vectors import (
     reduce_tokens,
     spread,
 )
-from actcap.errors import ActcapError
+from actcap.errors import IncompatibleInputsError, NotEnoughSamplesError
 from actcap.storage.format import SampleSource
 from actcap.storage.names import site_sort_key
 from actcap.storage.reader import ActivationFile
@@ -71,7 +71,9 @@ def compare_files(a: SampleSource, b: SampleSource) -> list[SiteComparison]:
                 )
             )
     if not out:
-        raise ActcapError(f"{a} and {b} share no site to compare.")
+        raise IncompatibleInputsError(
+            f"{a} and {b} share no site to compare; compare two files captured at the same sites."
+        )
     return out
 
 
@@ -138,13 +140,13 @@ def mean_difference_by_layer(
     """Norm of mean(correct) - mean(incorrect) per site (graded samples only).
 
     Raises:
-        ActcapError: When the run lacks correct or incorrect samples.
+        NotEnoughSamplesError: When the run lacks correct or incorrect samples.
     """
     vecs = vectors or load_vectors(directory, None, how)
     grades = np.array([s.correct for s in vecs.samples], dtype=object)
     good, bad = grades == True, grades == False  # noqa: E712 - object array, None stays out
     if not good.any() or not bad.any():
-        raise ActcapError(
+        raise NotEnoughSamplesError(
             f"{directory}: needs both correct and incorrect graded samples (has {int(good.sum())} correct, {int(bad.sum())} incorrect)."
         )
     return [

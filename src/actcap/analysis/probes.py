@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from actcap.analysis.vectors import Reduce, SampleVectors, load_vectors, spread
-from actcap.errors import ActcapError, UnknownNameError, require
+from actcap.errors import NotEnoughSamplesError, UnknownNameError, require
 from actcap.storage.reader import ActivationFile
 
 PROBE_SAMPLES = 20_000
@@ -72,21 +72,21 @@ def _labels(
     """Rows with a label in a class of at least two samples, their labels, and the classes left out.
 
     Raises:
-        ActcapError: When fewer than two classes remain.
+        NotEnoughSamplesError: When fewer than two classes remain.
     """
     labels = target_values(vecs, target)
     keep = [i for i, v in enumerate(labels) if v is not None and v != ""]
     y = np.array([str(labels[i]) for i in keep])
     counts = Counter(y.tolist())
     if len(counts) < 2:
-        raise ActcapError(
+        raise NotEnoughSamplesError(
             f"{directory}: target {target!r} has {'one class only' if counts else 'no values'} "
             f"({dict(counts)}); a probe needs at least two."
         )
     left_out = {c: n for c, n in counts.items() if n < 2}
     kept_classes = [c for c in counts if c not in left_out]
     if len(kept_classes) < 2:
-        raise ActcapError(
+        raise NotEnoughSamplesError(
             f"{directory}: too few samples for a probe on {target!r}: {dict(counts)}. Each class "
             "needs at least 2; run more questions."
         )
@@ -132,7 +132,7 @@ def probe_layers(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    vecs = vectors or load_vectors(directory, sites, how, dataset=True)
+    vecs = vectors or load_vectors(directory, sites, how)
     rows, y, left_out = _labels(vecs, directory, target)
     labelled = len(y)
     if max_samples is not None:

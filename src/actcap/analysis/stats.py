@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from actcap.analysis.sources import Skipped, iter_site_arrays, list_samples
-from actcap.errors import ActcapError, FormatError
+from actcap.errors import FormatError, TokenPositionError
 from actcap.storage.format import SampleSource
 from actcap.storage.names import site_sort_key
 from actcap.storage.reader import ActivationFile
@@ -106,7 +106,7 @@ def file_stats(
                 n = t.shape[0]
                 t = t[tokens]
                 if t.numel() == 0:
-                    raise ActcapError(
+                    raise TokenPositionError(
                         f"{f.label}: the token range {tokens.start}:{tokens.stop} selects no "
                         f"token of site {site!r}, which holds {n}."
                     )

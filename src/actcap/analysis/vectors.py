@@ -21,16 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actcap.analysis.sources import (
-    SampleList,
-    SampleRef,
-    Skipped,
-    is_run,
-    iter_site_arrays,
-    list_samples,
-)
-from actcap.data import ActivationDataset
-from actcap.errors import ActcapError, FormatError, UnknownNameError
+from actcap.analysis.sources import SampleRef, Skipped, iter_site_arrays, list_samples
+from actcap.errors import ActcapError, AnalysisError, FormatError, UnknownNameError
 from actcap.storage.names import site_sort_key
 
 Reduce = Literal["last", "mean"]
@@ -177,7 +169,6 @@ def load_vectors(
     *,
     samples: list[SampleRef] | None = None,
     budget: int = MEMORY_BUDGET,
-    dataset: bool = False,
 ) -> SampleVectors:
     """Read one vector per sample for each site, in one pass over the run.
 
@@ -192,21 +183,11 @@ def load_vectors(
         how: The ``last`` token's vector, or the ``mean`` over tokens.
         samples: The samples to read (all of ``directory`` by default).
         budget: Bytes of vectors kept in memory before spilling to disk.
-        dataset: Read a run (not a folder of files, nor given ``samples``) through
-            :class:`~actcap.data.ActivationDataset` (``rows="samples"``), as ``actcap probe``
-            does: the same vectors, samples and skips.
 
     Raises:
         NoActivationsError: When the run has no activations.
-        UnknownNameError: When none of the requested sites is in the files (with ``dataset``,
-            when any is not in the run).
+        UnknownNameError: When none of the requested sites is in the files.
     """
-    ds = None
-    if dataset and samples is None and is_run(directory):
-        ds = ActivationDataset(
-            directory, sites=sites, rows="samples", labels=["sample_index"], warn_skipped=False
-        )
-        samples = SampleList([SampleRef(i, p, r) for i, r, p in ds.samples], ds.corrupt)
     refs = samples if samples is not None else list_samples(directory)
     skipped = Skipped.of(refs)
     kept: list[SampleRef] = []
@@ -214,10 +195,7 @@ def load_vectors(
     columns: _Columns | None = None
     norm_sum: dict[str, float] = {}
     tokens: dict[str, int] = {}
-    source = (
-        iter_site_arrays(refs, skipped, sites) if ds is None else _dataset_arrays(ds, refs, skipped)
-    )
-    for ref, names, arrays in source:
+    for ref, names, arrays in iter_site_arrays(refs, skipped, sites):
         if wanted is None:
             wanted = names
         missing = [s for s in wanted if s not in arrays]
@@ -255,27 +233,6 @@ def load_vectors(
     )
 
 
-def _dataset_arrays(
-    ds: ActivationDataset, refs: Sequence[SampleRef], skipped: Skipped
-) -> Iterator[tuple[SampleRef, list[str], dict[str, np.ndarray]]]:
-    """What :func:`iter_site_arrays` gives, read through an :class:`ActivationDataset` of samples."""
-    where = {ref.id: ref.path for ref in refs}
-    noted = 0
-
-    def note() -> None:
-        nonlocal noted
-        for sid, why in ds.skipped[noted:]:
-            skipped.add(where[sid], why)
-        noted = len(ds.skipped)
-
-    for row in ds:
-        note()
-        x = row["x"]
-        tensors = x.items() if isinstance(x, dict) else [(ds.sites[0], x)]
-        yield refs[row["sample_index"]], ds.sites, {s: t.numpy() for s, t in tensors}
-    note()
-
-
 MAX_COSINE_ROWS = 20_000
 """Rows :func:`cosine_matrix` accepts: 20,000 rows make a 1.6 GB matrix."""
 
@@ -284,10 +241,10 @@ def cosine_matrix(x: np.ndarray) -> np.ndarray:
     """Pairwise cosine similarity of the rows of ``x``.
 
     Raises:
-        ActcapError: For more than :data:`MAX_COSINE_ROWS` rows (subsample them with :func:`spread`).
+        AnalysisError: For more than :data:`MAX_COSINE_ROWS` rows (subsample them with :func:`spread`).
     """
     if len(x) > MAX_COSINE_ROWS:
-        raise ActcapError(
+        raise AnalysisError(
             f"a similarity matrix of {len(x):,} samples needs {len(x) ** 2 * 4 / 1e9:.1f} GB; "
             f"pass at most {MAX_COSINE_ROWS:,} rows (SampleVectors.subset with spread())."
         )

@@ -31,10 +31,15 @@ def parse_tokens(text: str | None) -> slice | None:
     if not text:
         return None
     lo, sep, hi = text.partition(":")
-    if not sep:
-        i = int(text)
-        return slice(i, i + 1 if i != -1 else None)
-    return slice(int(lo) if lo else None, int(hi) if hi else None)
+    try:
+        if not sep:
+            i = int(text)
+            return slice(i, i + 1 if i != -1 else None)
+        return slice(int(lo) if lo else None, int(hi) if hi else None)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a token range; give N, A:B, -5: or :10.", param_hint="'--tokens'"
+        ) from None
 
 
 @click.command("analyze", context_settings={"help_option_names": ["-h", "--help"]})

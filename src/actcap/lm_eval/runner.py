@@ -239,6 +239,7 @@ def run_lm_eval_cli(argv: Sequence[str]) -> None:
 
     Raises:
         MissingDependencyError: Without lm-eval.
+        BenchmarkError: When lm-eval refuses the arguments (an unknown task, a bad option value).
     """
     require_lm_eval("actcap lm-eval")
     import sys
@@ -251,5 +252,7 @@ def run_lm_eval_cli(argv: Sequence[str]) -> None:
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except ValueError as e:  # lm-eval's word for arguments it cannot use
+        raise BenchmarkError(f"lm-eval: {e}. See 'actcap lm-eval --help'.") from e
     finally:
         sys.argv = saved
