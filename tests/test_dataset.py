@@ -1,7 +1,9 @@
 """ActivationDataset: a run streamed into PyTorch (files, shards, URLs; workers, ranks, shuffling)."""
 
+import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -9,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -302,3 +305,37 @@ def test_train_sae_example_runs(files_run):
     assert out.returncode == 0, out.stderr
     losses = [float(m) for m in re.findall(r"loss ([0-9.e+-]+|nan|inf)", out.stdout)]
     assert len(losses) >= 2 and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("how", ["last", "mean"])
+def test_probe_reads_a_run_through_the_dataset_with_the_same_results(
+    files_run, monkeypatch, how, tmp_path
+):
+    pytest.importorskip("sklearn")
+    run = tmp_path / "run"
+    shutil.copytree(files_run, run)  # with both grades, so that a probe has two classes
+    lines = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    for i, line in enumerate(lines):
+        line["correct"] = i % 2 == 0
+    (run / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from actcap.analysis import load_vectors, probe_layers
+
+    old = load_vectors(run, ["layer_0", "layer_1"], how)
+    new = load_vectors(run, ["layer_0", "layer_1"], how, dataset=True)
+    assert [s.id for s in new.samples] == [s.id for s in old.samples]
+    assert [s.record for s in new.samples] == [s.record for s in old.samples]
+    for site in ("layer_0", "layer_1"):
+        np.testing.assert_array_equal(new.vectors[site], old.vectors[site])
+    assert new.mean_norms == pytest.approx(old.mean_norms, rel=1e-12)
+
+    import actcap.data.dataset as mod
+
+    reads = []
+    real = mod.ActivationDataset.__iter__
+    monkeypatch.setattr(
+        mod.ActivationDataset, "__iter__", lambda self: (reads.append(self.rows), real(self))[1]
+    )
+    results = probe_layers(run, "correct", how=how, folds=2)
+    assert reads == ["samples"]
+    monkeypatch.setattr(mod.ActivationDataset, "__iter__", real)
+    assert results == probe_layers(run, "correct", how=how, folds=2, vectors=old)

@@ -132,7 +132,7 @@ def probe_layers(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    vecs = vectors or load_vectors(directory, sites, how)
+    vecs = vectors or load_vectors(directory, sites, how, dataset=True)
     rows, y, left_out = _labels(vecs, directory, target)
     labelled = len(y)
     if max_samples is not None:

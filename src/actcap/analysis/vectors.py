@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actcap.analysis.sources import SampleRef, Skipped, iter_site_arrays, list_samples
+from actcap.analysis.sources import (
+    SampleList,
+    SampleRef,
+    Skipped,
+    is_run,
+    iter_site_arrays,
+    list_samples,
+)
+from actcap.data import ActivationDataset
 from actcap.errors import ActcapError, AnalysisError, FormatError, UnknownNameError
 from actcap.storage.names import site_sort_key
 
@@ -169,6 +177,7 @@ def load_vectors(
     *,
     samples: list[SampleRef] | None = None,
     budget: int = MEMORY_BUDGET,
+    dataset: bool = False,
 ) -> SampleVectors:
     """Read one vector per sample for each site, in one pass over the run.
 
@@ -183,11 +192,21 @@ def load_vectors(
         how: The ``last`` token's vector, or the ``mean`` over tokens.
         samples: The samples to read (all of ``directory`` by default).
         budget: Bytes of vectors kept in memory before spilling to disk.
+        dataset: Read a run (not a folder of files, nor given ``samples``) through
+            :class:`~actcap.data.ActivationDataset` (``rows="samples"``), as ``actcap probe``
+            does: the same vectors, samples and skips.
 
     Raises:
         NoActivationsError: When the run has no activations.
-        UnknownNameError: When none of the requested sites is in the files.
+        UnknownNameError: When none of the requested sites is in the files (with ``dataset``,
+            when any is not in the run).
     """
+    ds = None
+    if dataset and samples is None and is_run(directory):
+        ds = ActivationDataset(
+            directory, sites=sites, rows="samples", labels=["sample_index"], warn_skipped=False
+        )
+        samples = SampleList([SampleRef(i, p, r) for i, r, p in ds.samples], ds.corrupt)
     refs = samples if samples is not None else list_samples(directory)
     skipped = Skipped.of(refs)
     kept: list[SampleRef] = []
@@ -195,7 +214,10 @@ def load_vectors(
     columns: _Columns | None = None
     norm_sum: dict[str, float] = {}
     tokens: dict[str, int] = {}
-    for ref, names, arrays in iter_site_arrays(refs, skipped, sites):
+    source = (
+        iter_site_arrays(refs, skipped, sites) if ds is None else _dataset_arrays(ds, refs, skipped)
+    )
+    for ref, names, arrays in source:
         if wanted is None:
             wanted = names
         missing = [s for s in wanted if s not in arrays]
@@ -231,6 +253,27 @@ def load_vectors(
     return SampleVectors(
         kept, columns.finish(), skipped, {s: norm_sum[s] / tokens[s] for s in norm_sum}
     )
+
+
+def _dataset_arrays(
+    ds: ActivationDataset, refs: Sequence[SampleRef], skipped: Skipped
+) -> Iterator[tuple[SampleRef, list[str], dict[str, np.ndarray]]]:
+    """What :func:`iter_site_arrays` gives, read through an :class:`ActivationDataset` of samples."""
+    where = {ref.id: ref.path for ref in refs}
+    noted = 0
+
+    def note() -> None:
+        nonlocal noted
+        for sid, why in ds.skipped[noted:]:
+            skipped.add(where[sid], why)
+        noted = len(ds.skipped)
+
+    for row in ds:
+        note()
+        x = row["x"]
+        tensors = x.items() if isinstance(x, dict) else [(ds.sites[0], x)]
+        yield refs[row["sample_index"]], ds.sites, {s: t.numpy() for s, t in tensors}
+    note()
 
 
 MAX_COSINE_ROWS = 20_000

@@ -77,9 +77,12 @@ _CHUNK = 1 << 16
 
 @dataclass
 class _Block:
-    """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]`` (numpy)."""
+    """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]``.
 
-    x: dict[str, torch.Tensor]
+    numpy arrays, whose small copies cost less than torch's; tensors only when rows go out.
+    """
+
+    x: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
@@ -87,9 +90,8 @@ class _Block:
 
     def rows(self, index: slice | np.ndarray) -> _Block:
         """A slice (a view) or a selection (a copy) of the rows."""
-        ix = index if isinstance(index, slice) else torch.from_numpy(index)
         return _Block(
-            {s: t[ix] for s, t in self.x.items()}, {k: v[index] for k, v in self.labels.items()}
+            {s: t[index] for s, t in self.x.items()}, {k: v[index] for k, v in self.labels.items()}
         )
 
     @staticmethod
@@ -97,7 +99,7 @@ class _Block:
         """The rows of several blocks, in order."""
         first = blocks[0]
         return _Block(
-            {s: torch.cat([b.x[s] for b in blocks]) for s in first.x},
+            {s: np.concatenate([b.x[s] for b in blocks]) for s in first.x},
             {k: np.concatenate([b.labels[k] for b in blocks]) for k in first.labels},
         )
 
@@ -143,15 +145,14 @@ class _Buffer:
 
 def _empty_like(block: _Block, n: int) -> _Block:
     return _Block(
-        {s: t.new_empty((n, *t.shape[1:])) for s, t in block.x.items()},
+        {s: np.empty((n, *t.shape[1:]), dtype=t.dtype) for s, t in block.x.items()},
         {k: np.empty(n, dtype=v.dtype) for k, v in block.labels.items()},
     )
 
 
 def _put(into: _Block, slots: np.ndarray, part: _Block) -> None:
-    ix = torch.from_numpy(slots)
     for s, t in into.x.items():
-        t[ix] = part.x[s]
+        t[slots] = part.x[s]
     for k, v in into.labels.items():
         v[slots] = part.labels[k]
 
@@ -238,6 +239,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         batch_size: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        warn_skipped: bool = True,
     ) -> None:
         """Open a run and check what is asked of it; activations are read when iterated.
 
@@ -255,6 +257,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             rank: This process's rank (with ``world_size``); by default ``torch.distributed``'s
                 when initialized, else 0.
             world_size: Processes splitting the run.
+            warn_skipped: Warn of each sample skipped as unreadable (they are listed in
+                :attr:`skipped` either way).
 
         Raises:
             FormatError: When ``run`` is no run directory.
@@ -268,6 +272,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self._samples: list[tuple[str, dict[str, Any], Path | ShardSlice]] = [
             (e.id, e.record, path) for e, path in info.sample_paths()
         ]
+        self.corrupt = list(info.corrupt)
+        """``(sample id, why)`` of manifest lines left out as corrupt."""
         if not self._samples:
             raise NoActivationsError(_no_activations(self.run, len(info.entries)))
         if rows not in ("tokens", "samples"):
@@ -295,6 +301,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
         """``(sample id, why)`` of the samples this process skipped."""
+        self.warn_skipped = warn_skipped
         self._num_rows: int | None = None
 
     def _first_sites(self) -> list[str]:
@@ -332,6 +339,14 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 f"Labels: {', '.join(valid)}."
             )
         return list(dict.fromkeys(labels))
+
+    @property
+    def samples(self) -> list[tuple[str, dict[str, Any], Path | ShardSlice]]:
+        """The run's samples with activations: ``(id, manifest line, where)``, in manifest order.
+
+        ``sample_index`` labels index this list.
+        """
+        return self._samples
 
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle order for a new epoch (call before iterating)."""
@@ -431,14 +446,21 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
 
     def _skip(self, sample_id: str, why: str) -> None:
         self.skipped.append((sample_id, why))
-        warnings.warn(f"sample {sample_id!r} skipped: {why}", stacklevel=3)
+        if self.warn_skipped:
+            warnings.warn(f"sample {sample_id!r} skipped: {why}", stacklevel=3)
+
+    def _array(self, a: np.ndarray) -> np.ndarray:
+        """A writable array of the dtype asked for (float32 for bfloat16, which numpy has not).
+
+        Copied only when needed: a read-only buffer (a shard's bytes) or another dtype.
+        """
+        want = _NUMPY.get(self.dtype, np.float32)
+        return a if a.dtype == want and a.flags.writeable else a.astype(want)
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        """A writable tensor of the dtype asked for (a copy of the read-only array)."""
-        as_numpy = _NUMPY.get(self.dtype)
-        if as_numpy is not None:
-            return torch.from_numpy(a.astype(as_numpy))
-        return torch.from_numpy(a.astype(np.float32)).to(self.dtype)
+        """An array from :meth:`_array` as a tensor of the dtype asked for (no copy but bfloat16)."""
+        t = torch.from_numpy(a)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def _sample_labels(self, i: int) -> dict[str, Any]:
         """The sample-level labels of manifest sample ``i``."""
@@ -461,14 +483,14 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         return out
 
     def _sample_row(self, i: int, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        x = {s: self._tensor(arrays[s]) for s in self.sites}
+        x = {s: self._tensor(self._array(arrays[s])) for s in self.sites}
         return {"x": x if len(x) > 1 else x[self.sites[0]], **self._sample_labels(i)}
 
     def _token_block(self, i: int, arrays: Mapping[str, np.ndarray]) -> _Block:
         """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector)."""
         first = arrays[self.sites[0]]
         n = _rows_of(first)
-        x = {s: self._tensor(arrays[s].reshape(n, -1)) for s in self.sites}
+        x = {s: self._array(arrays[s].reshape(n, -1)) for s in self.sites}
         labels = {
             k: np.full(n, v, dtype=object if isinstance(v, str) else None)
             for k, v in self._sample_labels(i).items()
@@ -488,14 +510,16 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
     def _block_rows(self, block: _Block) -> Iterator[dict[str, Any]]:
         """One dict per row, labels as Python scalars (the default collate stacks them)."""
         columns = {k: v.tolist() for k, v in block.labels.items()}
+        xs = {s: self._tensor(a) for s, a in block.x.items()}
         single = self.sites[0] if len(self.sites) == 1 else None
         for j in range(len(block)):
-            x: Any = block.x[single][j] if single else {s: t[j] for s, t in block.x.items()}
+            x: Any = xs[single][j] if single else {s: t[j] for s, t in xs.items()}
             yield {"x": x, **{k: v[j] for k, v in columns.items()}}
 
     def _batch(self, block: _Block) -> dict[str, Any]:
         """A ready batch: labels as tensors, or lists of str (as the default collate makes)."""
-        x: Any = block.x[self.sites[0]] if len(self.sites) == 1 else dict(block.x)
+        xs = {s: self._tensor(a) for s, a in block.x.items()}
+        x: Any = xs[self.sites[0]] if len(self.sites) == 1 else xs
         out: dict[str, Any] = {"x": x}
         for k, v in block.labels.items():
             out[k] = v.tolist() if v.dtype.kind in "OU" else torch.from_numpy(v)

@@ -2,12 +2,14 @@
 
 Every whole-run pass (analysis, the training dataset) reads through :func:`read_arrays`: a sample
 in a local shard is read with ``pread`` from a shard kept open for the pass, with the same checks as
-:class:`~actcap.storage.ActivationFile`; any other sample (a file per sample, a shard at a URL, a
-dtype numpy has not) is read through :class:`~actcap.storage.ActivationFile`.
+:class:`~actcap.storage.ActivationFile`; a local file through safetensors' own reader (which
+checks the header) and actcap's metadata check; any other sample (a shard at a URL, a dtype numpy
+has not, a file safetensors refuses) through :class:`~actcap.storage.ActivationFile`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from actcap.errors import FormatError
 from actcap.storage import ActivationFile
@@ -93,11 +96,10 @@ def _slice_arrays(
 
     label = str(part)
     header = parse_header(read, part.length, label)
-    check_metadata(label, header)
+    if "prefix" in check_metadata(label, header):
+        return None  # its first rows are in the run's shared prefix: ActivationFile joins them
     data_start = 8 + struct.unpack_from("<Q", head)[0]
-    names = sorted(
-        (k for k in header if k != "__metadata__" and k not in ID_TENSORS), key=site_sort_key
-    )
+    names = list(_sites_of(tuple(k for k in header if k != "__metadata__")))
     arrays = {}
     for name in names if names_wanted is None else names_wanted:
         info = header.get(name)
@@ -111,6 +113,39 @@ def _slice_arrays(
             raise FormatError(f"{label}: tensor {name!r} is truncated in the shard.")
         arrays[name] = np.frombuffer(raw, _NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
     return names, arrays
+
+
+@functools.lru_cache(maxsize=256)
+def _sites_of(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The sites among a header's tensor names, in network order (the same for most samples)."""
+    return tuple(sorted((k for k in keys if k not in ID_TENSORS), key=site_sort_key))
+
+
+def _safetensors_arrays(
+    path: Path, names_wanted: Sequence[str] | None
+) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    """A safetensors file's sites and arrays through safetensors itself, which checks the header.
+
+    None when this path does not apply (no safetensors file, a tensor of a dtype numpy has
+    not, bfloat16 or float8 storage): the caller reads through :class:`ActivationFile`, which
+    also says why a bad file is bad.
+    """
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("dtype") not in (None, "float32", "float16") or "prefix" in meta:
+                return None  # bfloat16 and float8 go through torch (and float8's scales), and
+                # a sample with a shared prefix through ActivationFile, which joins the rows
+            check_metadata(str(path), {"__metadata__": meta})
+            keys = f.keys()
+            names = _sites_of(tuple(keys))
+            wanted = names if names_wanted is None else [n for n in names_wanted if n in keys]
+            unsure = "dtype" not in meta  # actcap's own files say their dtype
+            if unsure and any(f.get_slice(n).get_dtype() not in _NUMPY_DTYPES for n in wanted):
+                return None
+            return list(names), {n: f.get_tensor(n) for n in wanted}
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return None
 
 
 def _file_arrays(
@@ -143,6 +178,9 @@ def read_arrays(
         OSError: When it cannot be read.
     """
     got = None
-    if isinstance(path, ShardSlice) and not is_url(path.shard):
-        got = _slice_arrays(path, files, names)
+    if isinstance(path, ShardSlice):
+        if not is_url(path.shard):
+            got = _slice_arrays(path, files, names)
+    elif not is_url(path):
+        got = _safetensors_arrays(Path(path), names)
     return got if got is not None else _file_arrays(path, names)
