@@ -112,3 +112,41 @@ def test_generic_fallback_finds_blocks_of_unknown_architecture():
     layout = find_layout(model)
     assert layout.blocks_path == "model.layers"
     assert layout.final_norm_path == "model.norm"
+
+
+def test_site_grammar_round_trip_and_network_order() -> None:
+    """One grammar (storage.names) formats, parses and orders the names capture writes."""
+    from actcap.capture.sites import site_names as capture_site_names
+    from actcap.storage import names
+
+    for index in (0, 3, 11):
+        for kind in names.SITE_KINDS:
+            assert names.parse_layer_site(names.layer_site(index, kind)) == (index, kind)
+    assert names.layer_site(2, "mlp") == "layer_2.mlp"
+    assert names.parse_layer_site("layer_-1.attn") == (-1, "attn")  # a request from the end
+    for other in ("embeddings", "final_norm", "layer_2.mpl", "model.layers.0.mlp", "layer_"):
+        assert names.parse_layer_site(other) is None
+    canonical = names.site_names(11)
+    assert capture_site_names is names.site_names
+    assert canonical[0] == "embeddings" and canonical[-1] == "final_norm"
+    assert canonical[1:4] == ["layer_0", "layer_0.attn", "layer_0.mlp"]
+    shuffled = [*reversed(canonical), "lm_head"]
+    assert sorted(shuffled, key=names.site_sort_key) == [*canonical, "lm_head"]  # 10 after 9
+    assert names.residual_sites(
+        ["layer_10", "layer_2.attn", "final_norm", "layer_2", "embeddings"]
+    ) == [
+        "embeddings",
+        "layer_2",
+        "layer_10",
+    ]
+
+
+def test_resolved_sites_follow_the_grammar(tiny_lm) -> None:
+    from actcap.storage.names import parse_layer_site
+
+    lm = tiny_lm
+    sites = resolve_sites(lm.model, lm.layout, ["layer_-1.mlp", "layer_0", "embeddings"])
+    n = lm.layout.num_layers
+    assert [s.name for s in sites] == [f"layer_{n - 1}.mlp", "layer_0", "embeddings"]
+    assert parse_layer_site(sites[0].name) == (n - 1, "mlp")
+    assert sites[0].module_path == lm.layout.child_path(n - 1, "mlp")

@@ -12,6 +12,7 @@ from actcap.analysis.probes import ProbeResult, probe_layers
 from actcap.analysis.sources import SampleRef
 from actcap.analysis.vectors import load_vectors
 from actcap.errors import ActcapError, SiteShapeError, UnknownNameError
+from actcap.storage.names import residual_sites
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunFigures:
 
 def middle_site(sites: list[str]) -> str:
     """The residual site halfway through the network (a readable default for one-site pictures)."""
-    residual = plots.residual_sites(sites) or sites
+    residual = residual_sites(sites) or sites
     return residual[len(residual) // 2]
 
 

@@ -8,13 +8,9 @@ from typing import Any
 import torch
 
 from actcap.analysis.stats import check_has_values
-from actcap.errors import (
-    AnalysisError,
-    IncompatibleInputsError,
-    SiteShapeError,
-    TokenPositionError,
-)
+from actcap.errors import ActcapError
 from actcap.storage.format import SampleSource
+from actcap.storage.names import is_residual_site, parse_layer_site
 from actcap.storage.reader import ActivationFile
 
 
@@ -52,21 +48,16 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
     from actcap.models.loading import LoadedModel, load_model
 
     with ActivationFile(path) as f:
-        sites = [
-            s for s in f.sites if s == "embeddings" or (s.startswith("layer_") and "." not in s)
-        ]
+        sites = [s for s in f.sites if is_residual_site(s)]
         if not sites:
-            raise SiteShapeError(
-                f"{path}: no embeddings or layer_<i> site to read through the lens; capture "
-                "with --layers all (the default)."
-            )
+            raise ActcapError(f"{path}: no embeddings or layer_<i> site to read through the lens.")
         for site in sites:
             _check_position(f, site, token)
         if model is None:
             model = "default" if f.meta.model in ("", DEFAULT_MODEL_NAME) else f.meta.model
         lm = model if isinstance(model, LoadedModel) else load_model(model)
         if lm.layout.final_norm_path is None:
-            raise AnalysisError(
+            raise ActcapError(
                 "This model has no final norm module, so the logit lens is not defined for it."
             )
         norm = dict(lm.model.named_modules())[lm.layout.final_norm_path]
@@ -76,7 +67,7 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
             t = f.get(site)
             vec = t[token] if t.dim() == 2 else t
             if vec.shape[-1] != head.weight.shape[1]:
-                raise IncompatibleInputsError(
+                raise ActcapError(
                     f"{path}: site {site} has hidden size {vec.shape[-1]}, the model {head.weight.shape[1]}; pass the model the file was made with."
                 )
             h = vec.to(head.weight.device, head.weight.dtype)[None, None]
@@ -97,19 +88,18 @@ def _check_position(f: ActivationFile, site: str, token: int) -> None:
 
     Raises:
         FormatError: When the site holds no values.
-        SiteShapeError: When the file holds one vector per site and ``token`` is not -1.
-        TokenPositionError: When ``token`` is out of range.
+        ActcapError: When ``token`` is out of range.
     """
     shape = check_has_values(f, site)
     n = shape[0]
     if len(shape) == 1 and token != -1:
-        raise SiteShapeError(
+        raise ActcapError(
             f"{f.label}: the file holds one vector per site (token selection "
             f"{f.meta.token_selection!r}), not one per token, so --token (token=) does not apply; "
             "capture with --token-selection all to read other positions."
         )
     if len(shape) == 2 and not -n <= token < n:
-        raise TokenPositionError(
+        raise ActcapError(
             f"{f.label}: token position {token} is past the end; the file holds {n} tokens, "
             f"so --token (token=) takes 0 to {n - 1}, or -{n} to -1."
         )
@@ -122,7 +112,7 @@ def lens_position(path: SampleSource, token: int = -1) -> str:
         FormatError: When the file is unreadable.
     """
     with ActivationFile(path) as f:
-        site = next((s for s in f.sites if s == "embeddings" or s.startswith("layer_")), None)
+        site = next((s for s in f.sites if is_residual_site(s) or parse_layer_site(s)), None)
         shape = f.shape(site) if site is not None else ()
         if len(shape) != 2:
             return f"the {f.meta.token_selection} vector of each site (the file holds one per site)"

@@ -21,10 +21,10 @@ from actcap.analysis.compare import MeanDifference, SimilarityMatrix
 from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
 from actcap.analysis.vectors import spread
-from actcap.errors import SiteShapeError, require
+from actcap.errors import require
 from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.format import SampleSource, ShardSlice
-from actcap.storage.names import site_sort_key
+from actcap.storage.names import residual_sites, site_sort_key
 from actcap.storage.reader import ActivationFile
 
 DPI = 100
@@ -112,14 +112,6 @@ def _save(fig: Any, path: str | os.PathLike[str], title: str, data: dict[str, An
     return Figure(out, title, data)
 
 
-def residual_sites(sites: Sequence[str]) -> list[str]:
-    """``embeddings`` and ``layer_<i>`` sites, in network order."""
-    return sorted(
-        (s for s in sites if s == "embeddings" or (s.startswith("layer_") and "." not in s)),
-        key=site_sort_key,
-    )
-
-
 @_plain_text
 def histogram(
     file: SampleSource,
@@ -181,7 +173,7 @@ def token_layer_norms(
     with ActivationFile(file) as f:
         sites = [s for s in residual_sites(f.sites) if len(f.shape(s)) == 2]
         if not sites:
-            raise SiteShapeError(
+            raise ValueError(
                 f"{file}: no [tokens, hidden] residual sites (token selection 'all' is needed)."
             )
         norms = np.stack(

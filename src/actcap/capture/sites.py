@@ -1,4 +1,6 @@
-"""Activation sites: canonical names, parsing of layer requests, and resolution onto modules.
+"""Activation sites: parsing of layer requests, and resolution of site names onto modules.
+
+The names follow the grammar of :mod:`actcap.storage.names` (which parses, formats and orders them):
 
 Canonical names, used as hook keys, tensor names on disk and plot labels alike:
 
@@ -22,12 +24,32 @@ from torch import nn
 
 from actcap.errors import UnknownNameError
 from actcap.models.layout import Layout
+from actcap.storage.names import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    SITE_KINDS,
+    SiteKind,
+    layer_site,
+    layer_sites,
+    parse_layer_site,
+    site_names,
+)
 
-SiteKind = Literal["resid", "attn", "mlp"]
-SITE_KINDS: tuple[SiteKind, ...] = ("resid", "attn", "mlp")
 LayerRequest = None | str | int | Sequence[int | str]
 
-_LAYER_NAME = re.compile(r"^layer_(-?\d+)(?:\.(attn|mlp))?$")
+__all__ = [
+    "SITE_KINDS",
+    "LayerRequest",
+    "Site",
+    "SiteKind",
+    "layer_indices",
+    "nearest_sites",
+    "resolve_sites",
+    "site_names",
+]
+"""``SiteKind``, ``SITE_KINDS`` and ``site_names`` belong to the grammar in :mod:`actcap.storage.names`;
+capture offers them with the rest of its site vocabulary."""
+
 _RANGE = re.compile(r"^(-?\d+)\s*(?:-|\.\.)\s*(-?\d+)$")
 _SLICE = re.compile(r"^(-?\d*)\s*:\s*(-?\d*)$")
 
@@ -127,7 +149,7 @@ def resolve_sites(
                 f"Unknown site kind {kind!r} (--sites).{hint} Choose from: {', '.join(SITE_KINDS)}."
             )
     if layers is None or layers == "all":
-        names = ["embeddings", *_layer_names(range(n), kinds)]
+        names = [EMBEDDINGS, *layer_sites(range(n), kinds)]
     elif isinstance(layers, int | str):
         names = _names_from_item(layers, n, kinds)
     else:
@@ -136,19 +158,14 @@ def resolve_sites(
     return [_site(name, layout, modules) for name in dict.fromkeys(names)]
 
 
-def _layer_names(indices: Iterable[int], kinds: Sequence[SiteKind]) -> list[str]:
-    suffix = {"resid": "", "attn": ".attn", "mlp": ".mlp"}
-    return [f"layer_{i}{suffix[k]}" for i in indices for k in kinds]
-
-
 def _names_from_item(item: int | str, n: int, kinds: Sequence[SiteKind]) -> list[str]:
     if isinstance(item, int):
-        return _layer_names(layer_indices(item, n), kinds)
+        return layer_sites(layer_indices(item, n), kinds)
     text = item.strip()
     if text == "all":
-        return ["embeddings", *_layer_names(range(n), kinds)]
+        return [EMBEDDINGS, *layer_sites(range(n), kinds)]
     if re.fullmatch(r"[-\d\s,:.]+", text) and re.search(r"\d|:", text):
-        return _layer_names(layer_indices(text, n), kinds)
+        return layer_sites(layer_indices(text, n), kinds)
     if "," in text:
         return [name for part in text.split(",") for name in _names_from_item(part, n, kinds)]
     return [text]
@@ -156,19 +173,18 @@ def _names_from_item(item: int | str, n: int, kinds: Sequence[SiteKind]) -> list
 
 def _site(name: str, layout: Layout, modules: dict[str, nn.Module]) -> Site:
     n = layout.num_layers
-    if name == "embeddings":
+    if name == EMBEDDINGS:
         return Site(name, layout.block_path(0), "input")
-    if name == "final_norm":
+    if name == FINAL_NORM:
         if layout.final_norm_path is None:
             raise UnknownNameError(
                 "This model has no final norm module, so 'final_norm' cannot be captured."
             )
         return Site(name, layout.final_norm_path)
-    if m := _LAYER_NAME.match(name):
-        index = _check_index(int(m.group(1)), n)
-        canonical = f"layer_{index}" + (f".{m.group(2)}" if m.group(2) else "")
-        path = layout.child_path(index, m.group(2)) if m.group(2) else layout.block_path(index)
-        return Site(canonical, path)
+    if parsed := parse_layer_site(name):
+        index, kind = _check_index(parsed[0], n), parsed[1]
+        path = layout.block_path(index) if kind == "resid" else layout.child_path(index, kind)
+        return Site(layer_site(index, kind), path)
     if name in modules and name:
         return Site(name, name)
     close = nearest_sites(name, n, list(modules))
@@ -178,11 +194,6 @@ def _site(name: str, layout: Layout, modules: dict[str, nn.Module]) -> Site:
         f"(each also .attn and .mlp), final_norm, or a module path such as "
         f"{layout.block_path(0)!r}."
     )
-
-
-def site_names(num_layers: int) -> list[str]:
-    """Every canonical site name of a model with ``num_layers`` decoder blocks."""
-    return ["embeddings", *_layer_names(range(num_layers), SITE_KINDS), "final_norm"]
 
 
 def nearest_sites(name: str, num_layers: int, module_paths: Sequence[str] = ()) -> list[str]:

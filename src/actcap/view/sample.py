@@ -16,6 +16,7 @@ import torch
 from actcap.analysis import compare_files, logit_lens
 from actcap.errors import ActcapError, IncompatibleInputsError, UnknownNameError
 from actcap.storage import ActivationFile
+from actcap.storage.names import is_residual_site
 from actcap.view.model import ModelHolder
 from actcap.view.runs import BadRequest, RunView
 
@@ -33,7 +34,7 @@ def finite(values: Iterable[float]) -> list[float | None]:
 
 def is_layer_site(site: str) -> bool:
     """``embeddings`` or ``layer_<i>``: a site of the residual stream."""
-    return site == "embeddings" or (site.startswith("layer_") and "." not in site)
+    return is_residual_site(site)
 
 
 def layer_sites(sites: Sequence[str]) -> list[str]:
