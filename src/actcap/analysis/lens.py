@@ -8,7 +8,12 @@ from typing import Any
 import torch
 
 from actcap.analysis.stats import check_has_values
-from actcap.errors import ActcapError
+from actcap.errors import (
+    AnalysisError,
+    IncompatibleInputsError,
+    SiteShapeError,
+    TokenPositionError,
+)
 from actcap.storage.format import SampleSource
 from actcap.storage.names import is_residual_site, parse_layer_site
 from actcap.storage.reader import ActivationFile
@@ -50,14 +55,17 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
     with ActivationFile(path) as f:
         sites = [s for s in f.sites if is_residual_site(s)]
         if not sites:
-            raise ActcapError(f"{path}: no embeddings or layer_<i> site to read through the lens.")
+            raise SiteShapeError(
+                f"{path}: no embeddings or layer_<i> site to read through the lens; capture "
+                "with --layers all (the default)."
+            )
         for site in sites:
             _check_position(f, site, token)
         if model is None:
             model = "default" if f.meta.model in ("", DEFAULT_MODEL_NAME) else f.meta.model
         lm = model if isinstance(model, LoadedModel) else load_model(model)
         if lm.layout.final_norm_path is None:
-            raise ActcapError(
+            raise AnalysisError(
                 "This model has no final norm module, so the logit lens is not defined for it."
             )
         norm = dict(lm.model.named_modules())[lm.layout.final_norm_path]
@@ -67,7 +75,7 @@ def logit_lens(path: SampleSource, model: Any = None, token: int = -1, k: int = 
             t = f.get(site)
             vec = t[token] if t.dim() == 2 else t
             if vec.shape[-1] != head.weight.shape[1]:
-                raise ActcapError(
+                raise IncompatibleInputsError(
                     f"{path}: site {site} has hidden size {vec.shape[-1]}, the model {head.weight.shape[1]}; pass the model the file was made with."
                 )
             h = vec.to(head.weight.device, head.weight.dtype)[None, None]
@@ -88,18 +96,19 @@ def _check_position(f: ActivationFile, site: str, token: int) -> None:
 
     Raises:
         FormatError: When the site holds no values.
-        ActcapError: When ``token`` is out of range.
+        SiteShapeError: When the file holds one vector per site and ``token`` is not -1.
+        TokenPositionError: When ``token`` is out of range.
     """
     shape = check_has_values(f, site)
     n = shape[0]
     if len(shape) == 1 and token != -1:
-        raise ActcapError(
+        raise SiteShapeError(
             f"{f.label}: the file holds one vector per site (token selection "
             f"{f.meta.token_selection!r}), not one per token, so --token (token=) does not apply; "
             "capture with --token-selection all to read other positions."
         )
     if len(shape) == 2 and not -n <= token < n:
-        raise ActcapError(
+        raise TokenPositionError(
             f"{f.label}: token position {token} is past the end; the file holds {n} tokens, "
             f"so --token (token=) takes 0 to {n - 1}, or -{n} to -1."
         )

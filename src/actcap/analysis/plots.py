@@ -21,7 +21,7 @@ from actcap.analysis.compare import MeanDifference, SimilarityMatrix
 from actcap.analysis.probes import ProbeResult
 from actcap.analysis.stats import as_tokens
 from actcap.analysis.vectors import spread
-from actcap.errors import require
+from actcap.errors import SiteShapeError, require
 from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.format import SampleSource, ShardSlice
 from actcap.storage.names import residual_sites, site_sort_key
@@ -173,7 +173,7 @@ def token_layer_norms(
     with ActivationFile(file) as f:
         sites = [s for s in residual_sites(f.sites) if len(f.shape(s)) == 2]
         if not sites:
-            raise ValueError(
+            raise SiteShapeError(
                 f"{file}: no [tokens, hidden] residual sites (token selection 'all' is needed)."
             )
         norms = np.stack(
