@@ -109,37 +109,9 @@ def print_verification(result: Any) -> None:
 
 @contextmanager
 def checks_printed_not_warned() -> Iterator[None]:
-    """Inside ``actcap eval``: verification warnings become the lines :func:`print_run_checks` prints."""
+    """Inside ``actcap eval``: verification warnings become summary lines (``EvalResult.check_lines``)."""
     from actcap.bench.verify import VerificationWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", VerificationWarning)
         yield
-
-
-def print_run_checks(result: Any) -> None:
-    """After ``actcap eval``: values the storage dtype could not hold, and the verification verdict.
-
-    A failure is printed in red on stderr, starting with ``WARNING:``.
-    """
-    from actcap.bench.verify import nonfinite_message, nonfinite_summary
-
-    nonfinite = nonfinite_summary(result.records)
-    if nonfinite is not None:
-        click.secho(
-            f"WARNING: {nonfinite_message(nonfinite, 'float16')}", fg="red", bold=True, err=True
-        )
-    verification = getattr(result, "verification", None)
-    if not verification:
-        return
-    if verification.get("passed") is None:
-        problems = "; ".join(verification.get("problems") or []) or "nothing to check"
-        click.echo(f"verification: not run ({problems})")
-        return
-    from actcap.bench.verify import verification_from_json
-
-    line = verification_from_json(verification).summary()
-    if verification["passed"]:
-        click.echo(line)
-    else:
-        click.secho(f"WARNING: {line}", fg="red", bold=True, err=True)

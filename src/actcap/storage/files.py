@@ -28,6 +28,7 @@ from actcap.storage.legacy import load_legacy
 from actcap.storage.location import is_url
 from actcap.storage.reader import ActivationFile
 from actcap.storage.runinfo import open_run
+from actcap.storage.records import activation_dict
 
 __all__ = ["ActivationFile", "load_activations", "save_activations"]
 
@@ -126,16 +127,7 @@ def load_activations(
         input_ids = f.get("input_ids") if "input_ids" in names else None
         output_ids = f.get("output_ids") if "output_ids" in names else None
         raw = f.raw_metadata
-    return {
-        "prompt": meta.prompt,
-        "response": meta.response,
-        "model": meta.model,
-        "timestamp": meta.timestamp,
-        "input_ids": input_ids,
-        "output_ids": output_ids,
-        "activations": acts,
-        "metadata": {**raw, "extra": meta.extra},
-    }
+    return activation_dict(meta, acts, input_ids, output_ids, {**raw, "extra": meta.extra})
 
 
 def _find_in_run(root: str | os.PathLike[str], sample_id: str | None) -> Path | ShardSlice:

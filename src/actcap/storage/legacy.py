@@ -16,8 +16,9 @@ from torch import Tensor
 
 from actcap.errors import FormatError, UnknownNameError, UnsafeFileError
 from actcap.storage.dtypes import SAFETENSORS_NAMES
-from actcap.storage.format import ID_TENSORS
+from actcap.storage.format import ID_TENSORS, SampleMeta
 from actcap.storage.header import detect_format
+from actcap.storage.records import activation_dict
 
 
 def _brief(e: BaseException) -> str:
@@ -127,13 +128,11 @@ def load_legacy(path: Path, sites: Sequence[str] | None, trust_pickle: bool) -> 
                 f"{path}: no site {missing[0]!r}. Sites in this file: {', '.join(map(str, acts))}."
             )
         acts = {s: acts[s] for s in sites}
-    return {
-        "prompt": data.get("prompt", ""),
-        "response": data.get("response", ""),
-        "model": data.get("model", ""),
-        "timestamp": data.get("timestamp", ""),
-        "input_ids": data.get("input_ids"),
-        "output_ids": data.get("output_ids"),
-        "activations": dict(acts),
-        "metadata": {k: v for k, v in data.items() if k != "activations"},
-    }
+    meta = SampleMeta(
+        prompt=data.get("prompt", ""),
+        response=data.get("response", ""),
+        model=data.get("model", ""),
+        timestamp=data.get("timestamp", ""),
+    )
+    metadata = {k: v for k, v in data.items() if k != "activations"}
+    return activation_dict(meta, acts, data.get("input_ids"), data.get("output_ids"), metadata)
