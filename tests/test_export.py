@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from actcap.analysis.export import export_site
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture import CaptureSpec
 from actcap.cli.main import cli
+from actcap.data.export import export_site
 from actcap.errors import FormatError, UnknownNameError
 from actcap.storage import load_activations, open_run
 from tests.conftest import DATA
@@ -110,6 +110,34 @@ def test_npy_arrays(run_dir, stored, tmp_path):
         assert pos[a:b].tolist() == list(range(b - a)) and tok[a:b].tolist() == ids.tolist()
 
 
+@pytest.mark.parametrize("to", ["parquet", "hf-dataset", "npy"])
+def test_every_format_returns_one_result_and_writes_export_json_atomically(
+    run_dir, stored, tmp_path, monkeypatch, to
+):
+    """The three writers give one ExportResult shape; _export.json goes through the atomic helper."""
+    import actcap.data.export as export
+    from actcap.storage.durable import atomic_write_bytes
+
+    written = []
+
+    def recording(path, data):
+        written.append(path.name)
+        atomic_write_bytes(path, data)
+
+    monkeypatch.setattr(export, "atomic_write_bytes", recording)
+    result = export_site(run_dir, "layer_1", tmp_path / to, to=to)
+    assert isinstance(result, export.ExportResult)
+    assert result.out == tmp_path / to
+    assert result.hidden == next(iter(stored.values()))[0].shape[-1]
+    assert result.n_rows == sum(x.shape[0] for x, _, _ in stored.values())
+    assert result.n_samples == len(stored) and len(result.skipped) == 0
+    assert result.files and all(f.exists() for f in result.files)
+    assert written == ["_export.json"]
+    info = json.loads((tmp_path / to / "_export.json").read_text())
+    assert (info["n_rows"], info["format"]) == (result.n_rows, to)
+    assert not [p for p in (tmp_path / to).iterdir() if p.name.endswith(".tmp")]
+
+
 def test_sharded_and_url_runs_export_the_same(tiny_lm, run_dir, tmp_path):
     import fsspec
 
@@ -186,7 +214,7 @@ def synthetic_run(root, n, tokens=256, hidden=512):
 
 PEAK_RSS = """
 import resource, sys
-from actcap.analysis.export import export_site
+from actcap.data.export import export_site
 export_site(sys.argv[1], "layer_0", sys.argv[2], to=sys.argv[3])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """

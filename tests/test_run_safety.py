@@ -18,12 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from actcap.analysis.export import export_site
-from actcap.analysis.sources import list_samples
 from actcap.bench.runner import EvalOptions, run_benchmark
 from actcap.bench.sources import load_benchmark
 from actcap.capture.spec import CaptureSpec
 from actcap.cli.main import cli
+from actcap.data.export import export_site
+from actcap.data.samples import list_samples
 from actcap.errors import FormatError, RunError
 from actcap.storage import SampleMeta, load_activations, open_run, sample_filename
 from actcap.storage.durable import atomic_write_bytes

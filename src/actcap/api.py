@@ -26,7 +26,6 @@ from typing import Any, Literal
 from torch import Tensor
 
 from actcap.analysis.compare import SiteComparison, compare_files
-from actcap.analysis.export import ExportFormat, ExportResult, Reduce, Rows, export_site
 from actcap.analysis.stats import DirectorySummary, SiteStats, directory_summary, file_stats
 from actcap.bench.distributed import RayOptions
 from actcap.bench.questions import Benchmark
@@ -35,6 +34,7 @@ from actcap.bench.sources import load_benchmark
 from actcap.capture.collect import GenerationOptions, run_prompts
 from actcap.capture.sites import LayerRequest, SiteKind
 from actcap.capture.spec import CaptureSpec, TokenSelection
+from actcap.data.export import ExportFormat, ExportResult, Reduce, Rows, export_site
 from actcap.errors import RunError, WriteError
 from actcap.models.chat import format_prompt
 from actcap.models.context import check_prompt_chars, check_prompt_length, context_length

@@ -16,9 +16,9 @@ from actcap.analysis.figures import RunFigures, make_figures
 from actcap.analysis.lens import LensRow, logit_lens
 from actcap.analysis.probes import ProbeResult, probe_layers
 from actcap.analysis.report import build_report
-from actcap.analysis.sources import SampleRef, list_samples
 from actcap.analysis.stats import DirectorySummary, SiteStats, directory_summary, file_stats
 from actcap.analysis.vectors import SampleVectors, load_vectors
+from actcap.data.samples import SampleRef, list_samples
 
 __all__ = [
     "DirectorySummary",

@@ -9,8 +9,8 @@ from pathlib import Path
 from actcap.analysis import plots
 from actcap.analysis.compare import mean_difference_by_layer, similarity_matrix
 from actcap.analysis.probes import ProbeResult, probe_layers
-from actcap.analysis.sources import SampleRef
 from actcap.analysis.vectors import load_vectors
+from actcap.data.samples import SampleRef
 from actcap.errors import ActcapError, SiteShapeError, UnknownNameError
 from actcap.storage.names import residual_sites
 

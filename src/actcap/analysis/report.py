@@ -13,7 +13,7 @@ from typing import Any
 
 from actcap.analysis.figures import make_figures
 from actcap.analysis.probes import ProbeResult
-from actcap.analysis.sources import SampleRef, is_run, list_samples, run_samples
+from actcap.data.samples import SampleRef, is_run, list_samples, run_samples
 from actcap.errors import NoActivationsError
 from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.location import is_url

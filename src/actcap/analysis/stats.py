@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actcap.analysis.sources import Skipped, iter_site_arrays, list_samples
+from actcap.data.samples import Skipped, iter_site_arrays, list_samples
 from actcap.errors import FormatError, TokenPositionError
 from actcap.storage.format import SampleSource
 from actcap.storage.names import site_sort_key

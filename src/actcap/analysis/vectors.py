@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actcap.analysis.sources import (
+from actcap.data import ActivationDataset
+from actcap.data.samples import (
     SampleList,
     SampleRef,
     Skipped,
@@ -29,7 +30,6 @@ from actcap.analysis.sources import (
     iter_site_arrays,
     list_samples,
 )
-from actcap.data import ActivationDataset
 from actcap.errors import ActcapError, AnalysisError, FormatError, UnknownNameError
 from actcap.storage.names import site_sort_key
 

@@ -13,7 +13,7 @@ Layouts written under ``--out``:
 - ``npy``: ``activations.npy`` (rows x hidden, written row by row), ``sample_index.npy``,
   ``position.npy``, ``token_id.npy``, and ``samples.jsonl`` (id, correct, category per sample).
 
-Each also gets ``_export.json``: the run, site, row layout, dtype, hidden size and row count (the
+Each also gets ``_export.json`` (written atomically): the run, site, row layout, dtype, hidden size and row count (the
 leading underscore keeps Parquet readers, which skip ``_`` and ``.`` files, reading the folder).
 """
 
@@ -31,8 +31,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from actcap.analysis.sources import SampleRef, Skipped, iter_open, list_samples
+from actcap.data.samples import SampleRef, Skipped, iter_open, list_samples
 from actcap.errors import FormatError, UnknownNameError, require
+from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.format import utc_now
 from actcap.storage.reader import ActivationFile
 
@@ -44,7 +45,7 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 @dataclass
 class ExportResult:
-    """What an export wrote."""
+    """What an export wrote: every format's writer returns one."""
 
     out: Path
     """The output folder."""
@@ -187,13 +188,9 @@ def export_site(
     if to == "npy":
         result = _write_npy(blocks, samples, site, rows, np_dtype, hidden, target, skipped)
     elif to == "parquet":
-        files, n_rows, n_samples = _write_parquet(
-            blocks, hidden, dtype, target, group_rows, rows_per_file
-        )
-        result = ExportResult(target, n_rows, n_samples, hidden, files, skipped)
+        result = _write_parquet(blocks, hidden, dtype, target, skipped, group_rows, rows_per_file)
     else:
-        n_rows, n_samples = _write_hf(blocks, hidden, dtype, target, group_rows)
-        result = ExportResult(target, n_rows, n_samples, hidden, [target], skipped)
+        result = _write_hf(blocks, hidden, dtype, target, skipped, group_rows)
     info = {
         "run": os.fspath(run),
         "site": site,
@@ -207,7 +204,7 @@ def export_site(
         "skipped": skipped.files,
         "created": utc_now(),
     }
-    (target / "_export.json").write_text(json.dumps(info, indent=2))
+    atomic_write_bytes(target / "_export.json", json.dumps(info, indent=2).encode())
     return result
 
 
@@ -279,9 +276,11 @@ def _write_parquet(
     hidden: int,
     dtype: str,
     target: Path,
+    skipped: Skipped,
     group_rows: int,
     rows_per_file: int,
-) -> tuple[list[Path], int, int]:
+) -> ExportResult:
+    """Stream rows into ``part-00000.parquet``, ... of ``rows_per_file`` rows each."""
     import pyarrow.parquet as pq
 
     schema = _schema(hidden, dtype)
@@ -304,12 +303,17 @@ def _write_parquet(
     finally:
         if writer is not None:
             writer.close()
-    return files, n_rows, n_samples
+    return ExportResult(target, n_rows, n_samples, hidden, files, skipped)
 
 
 def _write_hf(
-    blocks: Iterator[_Block], hidden: int, dtype: str, target: Path, group_rows: int
-) -> tuple[int, int]:
+    blocks: Iterator[_Block],
+    hidden: int,
+    dtype: str,
+    target: Path,
+    skipped: Skipped,
+    group_rows: int,
+) -> ExportResult:
     """Write a Hugging Face dataset without holding it in memory.
 
     Rows stream to Parquet in a scratch folder; ``datasets`` converts that to Arrow (in batches,
@@ -319,12 +323,14 @@ def _write_hf(
 
     scratch = Path(tempfile.mkdtemp(prefix=".hf-scratch-", dir=target))
     try:
-        files, n_rows, n_samples = _write_parquet(
-            blocks, hidden, dtype, scratch, group_rows, rows_per_file=1 << 62
+        parts = _write_parquet(
+            blocks, hidden, dtype, scratch, skipped, group_rows, rows_per_file=1 << 62
         )
-        if files:
+        if parts.files:
             ds = datasets.Dataset.from_parquet(
-                [str(f) for f in files], cache_dir=str(scratch / "cache"), keep_in_memory=False
+                [str(f) for f in parts.files],
+                cache_dir=str(scratch / "cache"),
+                keep_in_memory=False,
             )
         else:
             ds = datasets.Dataset.from_dict({}, features=None)
@@ -332,7 +338,7 @@ def _write_hf(
         del ds
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return n_rows, n_samples
+    return ExportResult(target, parts.n_rows, parts.n_samples, hidden, [target], skipped)
 
 
 def _write_npy(

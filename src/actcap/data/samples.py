@@ -1,4 +1,4 @@
-"""Where analysis reads from: one file, a run directory (joined with grades) or any folder of files.
+"""The samples of a run (joined with grades) or of any folder of files, as analysis and export read them.
 
 Everything is read lazily through :mod:`actcap.storage`, one file at a time; unreadable or foreign
 files are reported and skipped, never fatal.
