@@ -8,7 +8,6 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "actcap"
 MAX_LINES = 600
 LONG_MODULES = {
-    "bench/runner.py": "the evaluation loop and its batching; being split by the orchestrator work (#13 item 4)",
     "lm_eval/model.py": "lm-eval's LM interface: three request kinds, each with capture and caching",
     "bench/verify.py": "actcap verify: re-runs each prompt alone and compares stored activations site by site",
 }

@@ -27,6 +27,7 @@ from actcap.bench.graders import Grade, get_grader, parse_number
 from actcap.bench.prompts import Mode, build_prompt
 from actcap.bench.questions import Benchmark, Question
 from actcap.bench.scoring import Answer, ChoiceFormat, answer_generate, answer_loglik
+from actcap.bench.summary import SummaryLine, summary_lines
 from actcap.bench.verify import (
     VerificationWarning,
     compute_record,
@@ -41,8 +42,7 @@ from actcap.models.chat import adds_special_tokens
 from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
 from actcap.storage.format import SampleMeta, utc_now
-from actcap.storage.layout import SAMPLES, SHARD_BYTES, SHARDS, Storage
-from actcap.storage.location import is_url, local_path
+from actcap.storage.layout import SHARD_BYTES, Storage
 from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
 from actcap.storage.writers import SampleWriter
@@ -120,89 +120,13 @@ class EvalResult:
     def summary_lines(
         self, benchmark: str | None = None, model: str | None = None
     ) -> list[SummaryLine]:
-        """What ``actcap eval`` prints at the end, line by line (warnings marked).
-
-        Accuracy overall and per category, the speed, where the files are, then the run's checks
-        (values the storage dtype could not hold, the verification verdict), so that a failed
-        check is the last line.
+        """What ``actcap eval`` prints at the end, line by line (see :mod:`actcap.bench.summary`).
 
         Args:
             benchmark: The benchmark's name as shown (default: :attr:`benchmark`).
             model: The model's name as shown (default: :attr:`model`).
         """
-        lines = [
-            SummaryLine(
-                f"{model or self.model} on {benchmark or self.benchmark}: accuracy "
-                f"{self.accuracy:.3f} ({self.n_correct}/{self.n})"
-            )
-        ]
-        for cat, r in self.per_category.items():
-            lines.append(
-                SummaryLine(
-                    f"  {cat or '(none)':<28} {r['accuracy']:.3f}  "
-                    f"({int(r['n_correct'])}/{int(r['n'])})"
-                )
-            )
-        if self.answered and self.wall_seconds > 0:
-            lines.append(
-                SummaryLine(
-                    f"answered {self.answered} questions in {self.wall_seconds:.1f} s "
-                    f"({self.answered / self.wall_seconds:.2f} q/s)"
-                )
-            )
-        if self.out is not None:
-            lines.append(
-                SummaryLine(
-                    f"run directory: {self.out}  (manifest.jsonl, results.json, "
-                    f"{activation_layout(self.out)})"
-                )
-            )
-        return lines + self.check_lines()
-
-    def check_lines(self) -> list[SummaryLine]:
-        """The run's checks: values the storage dtype could not hold, the verification verdict."""
-        from actcap.bench.verify import verification_from_json
-
-        lines: list[SummaryLine] = []
-        nonfinite = nonfinite_summary(self.records)
-        if nonfinite is not None:
-            message = nonfinite_message(nonfinite, "float16")
-            lines.append(SummaryLine(f"WARNING: {message}", warning=True))
-        verification = self.verification
-        if not verification:
-            return lines
-        if verification.get("passed") is None:
-            problems = "; ".join(verification.get("problems") or []) or "nothing to check"
-            return [*lines, SummaryLine(f"verification: not run ({problems})")]
-        line = verification_from_json(verification).summary()
-        if verification["passed"]:
-            return [*lines, SummaryLine(line)]
-        return [*lines, SummaryLine(f"WARNING: {line}", warning=True)]
-
-
-@dataclass(frozen=True)
-class SummaryLine:
-    """One line of an evaluation's printed summary."""
-
-    text: str
-    warning: bool = False
-    """A failed check: printed in red on stderr."""
-
-
-def activation_layout(out: Any) -> str:
-    """Where a run's activations are: ``samples/``, ``shards/``, both, or none (no capture).
-
-    Both appear when a resume changed the layout.
-    """
-    if is_url(os.fspath(out)):
-        return f"{SHARDS}/"
-    root = local_path(out)
-    used = [
-        f"{name}/"
-        for name in (SAMPLES, SHARDS)
-        if (root / name).is_dir() and any(True for _ in (root / name).iterdir())
-    ]
-    return " and ".join(used) if used else "no activation files: captured nothing"
+        return summary_lines(self, benchmark or self.benchmark, model or self.model)
 
 
 def mode_for(q: Question, option: ModeOption) -> Mode:
