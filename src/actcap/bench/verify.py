@@ -39,6 +39,7 @@ from actcap.capture.sites import Site, resolve_sites
 from actcap.errors import FormatError, UnknownNameError
 from actcap.models.loading import LoadedModel, parse_dtype
 from actcap.storage.durable import atomic_write_bytes
+from actcap.storage.float8 import FLOAT8, FLOAT8_DTYPE
 from actcap.storage.layout import RESULTS
 from actcap.storage.location import PathOrUrl, is_url, join, local_path, read_bytes, url_fs
 from actcap.storage.manifest import ManifestEntry
@@ -66,6 +67,7 @@ STORAGE_ULP: dict[torch.dtype, float] = {
     torch.float32: 0.0,
     torch.bfloat16: 2.0**-7,
     torch.float16: 2.0**-10,
+    torch.float8_e4m3fn: 2.0**-3,
 }
 """One unit in the last place of the storage format, relative: two nearly equal values may round
 to neighbouring stored numbers."""
@@ -226,6 +228,13 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
     """The least precise of some floating dtypes (bfloat16 < float16 < float32)."""
     known = [d for d in dtypes if d in _PRECISION_ORDER]
     return max(known, key=_PRECISION_ORDER.index, default=torch.float32)
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """A run's storage dtype from its ``run.json`` name (``float8``: e4m3)."""
+    if name == FLOAT8:
+        return FLOAT8_DTYPE
+    return parse_dtype(name) or torch.float32
 
 
 def tolerance_for(compute: torch.dtype, storage: torch.dtype) -> tuple[float, float]:
@@ -391,7 +400,7 @@ def run_setup(config: Mapping[str, Any], lm: LoadedModel) -> RunSetup:
         dtypes.append(effective_dtype(dtype, str(recorded.get("matmul_precision", "highest"))))
     return RunSetup(
         selection=str(capture.get("token_selection", "all")),
-        storage=parse_dtype(str(capture.get("dtype", "float32"))) or torch.float32,
+        storage=storage_dtype(str(capture.get("dtype", "float32"))),
         capture_generated=bool(capture.get("capture_generated", False)),
         choice_format=str(options.get("choice_format", "letter")),
         compute=coarsest(*dtypes),

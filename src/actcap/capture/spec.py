@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from actcap.capture.sites import SITE_KINDS, LayerRequest, SiteKind
+from actcap.capture.sites import SITE_KINDS, LayerRequest, Site, SiteKind
 from actcap.errors import UnknownNameError
 from actcap.models.loading import parse_dtype
+from actcap.storage.float8 import FLOAT8
 
 TokenSelection = Literal["all", "last", "mean"]
 TOKEN_SELECTIONS: tuple[TokenSelection, ...] = ("all", "last", "mean")
@@ -27,9 +28,14 @@ class CaptureSpec:
     token_selection: TokenSelection = "all"
     """``all`` keeps ``[tokens, hidden]``; ``last`` and ``mean`` reduce to ``[hidden]``."""
     dtype: str = "float32"
-    """Storage dtype: ``float32``, ``float16`` or ``bfloat16``."""
+    """Storage dtype: ``float32``, ``float16``, ``bfloat16`` or ``float8`` (e4m3 with a float32
+    scale per token vector, :mod:`actcap.storage.float8`; captured in float32, quantized when
+    stored)."""
     capture_generated: bool = False
     """Also record every generated token's activations (prefill plus each decode step)."""
+    stats: tuple[str, ...] = ()
+    """Sites whose statistics over every token are accumulated (:mod:`actcap.capture.stats`):
+    ``("all",)`` for every captured site, or items in the syntax of ``layers``; empty for none."""
     offload_device: str = "cpu"
     """Where hooks copy activations to as soon as they are produced."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -47,13 +53,20 @@ class CaptureSpec:
                 raise UnknownNameError(
                     f"Unknown site kind {kind!r}. Choose from: {', '.join(SITE_KINDS)}."
                 )
-        parse_dtype(self.dtype)
+        if self.dtype != FLOAT8:
+            parse_dtype(self.dtype)
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.stats, str):
+            object.__setattr__(self, "stats", (self.stats,))
+        elif not isinstance(self.stats, tuple):
+            object.__setattr__(self, "stats", tuple(self.stats))
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The storage dtype as a torch dtype."""
+        """The dtype activations are copied in (float32 for ``float8``, quantized when stored)."""
+        if self.dtype == FLOAT8:
+            return torch.float32
         dtype = parse_dtype(self.dtype)
         return dtype if dtype is not None else torch.float32
 
@@ -70,4 +83,29 @@ class CaptureSpec:
             "token_selection": self.token_selection,
             "dtype": self.dtype,
             "capture_generated": self.capture_generated,
+            **({"stats": list(self.stats)} if self.stats else {}),
         }
+
+    def stats_sites(
+        self, captured: Sequence[Site], resolve: Callable[[LayerRequest], Sequence[Site]]
+    ) -> list[str]:
+        """The names of the captured sites :attr:`stats` asks for (``all``: every one).
+
+        Raises:
+            UnknownNameError: A site asked for is not captured.
+        """
+        names = [s.name for s in captured]
+        if not self.stats:
+            return []
+        if "all" in self.stats:
+            return names
+        wanted = [s.name for s in resolve(list(self.stats))]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise UnknownNameError(
+                f"--stats {','.join(self.stats)}: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not captured; add "
+                f"{'it' if len(missing) == 1 else 'them'} to --layers/--sites or choose among: "
+                f"{', '.join(names)}."
+            )
+        return wanted

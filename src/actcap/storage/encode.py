@@ -12,6 +12,7 @@ from torch import Tensor
 
 from actcap.errors import FormatError
 from actcap.storage.dtypes import SAFETENSORS_NAMES
+from actcap.storage.float8 import FLOAT8, quantize_sites
 from actcap.storage.format import ID_TENSORS, SampleMeta
 
 
@@ -20,8 +21,12 @@ def sample_tensors(
     activations: Mapping[str, Tensor],
     input_ids: Tensor | None,
     output_ids: Tensor | None,
+    storage_dtype: str = "",
 ) -> dict[str, Tensor]:
     """The tensors of one sample as stored: sites on the CPU, then the token ids as int64.
+
+    With ``storage_dtype`` ``float8`` each site is stored as float8 values and a scale per row
+    (:mod:`actcap.storage.float8`).
 
     Raises:
         FormatError: When a site is named like a token-id tensor.
@@ -33,6 +38,8 @@ def sample_tensors(
                 f"{label}: {name!r} is reserved for token ids and cannot name a site."
             )
         tensors[name] = t.detach().to("cpu").contiguous()
+    if storage_dtype == FLOAT8:
+        tensors = quantize_sites(tensors, set(tensors))
     for name, ids in (("input_ids", input_ids), ("output_ids", output_ids)):
         if ids is not None:
             tensors[name] = ids.detach().to("cpu", torch.int64).reshape(-1).contiguous()
@@ -57,7 +64,7 @@ def encode_sample(
     Raises:
         FormatError: When a site is named like a token-id tensor.
     """
-    tensors = sample_tensors(label, activations, input_ids, output_ids)
+    tensors = sample_tensors(label, activations, input_ids, output_ids, meta.dtype)
     header: dict[str, Any] = {"__metadata__": meta.to_header()}
     parts: list[memoryview] = []
     offset = 0

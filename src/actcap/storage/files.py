@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
@@ -27,8 +28,8 @@ from actcap.storage.header import PICKLED, check_question_id, detect_format
 from actcap.storage.legacy import load_legacy
 from actcap.storage.location import is_url
 from actcap.storage.reader import ActivationFile
-from actcap.storage.runinfo import open_run
 from actcap.storage.records import activation_dict
+from actcap.storage.runinfo import open_run
 
 __all__ = ["ActivationFile", "load_activations", "save_activations"]
 
@@ -61,7 +62,7 @@ def save_activations(
         PosixPath('a.safetensors')
     """
     target = Path(path)
-    tensors = sample_tensors(str(target), activations, input_ids, output_ids)
+    tensors = sample_tensors(str(target), activations, input_ids, output_ids, meta.dtype)
 
     def write(tmp: str) -> None:
         try:
@@ -81,6 +82,7 @@ def load_activations(
     *,
     trust_pickle: bool = False,
     sample_id: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Load an activation file into the dictionary the seed pipeline used.
 
@@ -95,6 +97,8 @@ def load_activations(
         sample_id: With a run directory (either layout, files or shards), the sample to load.
             This reads the run's manifests on each call; to go through many samples, iterate
             ``open_run(run).sample_paths()`` and pass each source here instead.
+        dtype: Return the activations in this dtype (default: as stored; a float8 run's come
+            back dequantized in float32, see :mod:`actcap.storage.float8`).
 
     Returns:
         ``{"prompt", "response", "model", "timestamp", "input_ids", "output_ids",
@@ -121,7 +125,7 @@ def load_activations(
         if sample_id is not None:
             check_question_id(f.header, sample_id, f.label)
         wanted = list(sites) if sites is not None else f.sites
-        acts = dict(f.iter_sites(wanted))
+        acts = dict(f.iter_sites(wanted, dtype))
         meta = f.meta
         names = f.names
         input_ids = f.get("input_ids") if "input_ids" in names else None

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from actcap.errors import FormatError, UnknownNameError
 from actcap.storage.dtypes import TORCH_DTYPES
+from actcap.storage.float8 import dequantize, is_scale_name, scale_name
 from actcap.storage.format import ID_TENSORS, SampleMeta, ShardSlice
 from actcap.storage.header import PICKLED, check_metadata, detect_format, parse_header, read_header
 from actcap.storage.legacy import legacy_contents
@@ -125,7 +126,10 @@ class ActivationFile:
     @property
     def sites(self) -> list[str]:
         """Activation sites in the file (token-id tensors excluded), in the order stored."""
-        return sorted((k for k in self.names if k not in ID_TENSORS), key=site_sort_key)
+        return sorted(
+            (k for k in self.names if k not in ID_TENSORS and not is_scale_name(k)),
+            key=site_sort_key,
+        )
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of a tensor, from the header."""
@@ -137,8 +141,24 @@ class ActivationFile:
         self._check_name(name)
         return str(self.header[name]["dtype"])
 
-    def get(self, name: str) -> Tensor:
-        """Read one tensor (from a shard: only that tensor's bytes)."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """Read one tensor (from a shard: only that tensor's bytes), in ``dtype`` if given.
+
+        A float8 site (``--dtype float8``) comes back dequantized with its scale
+        (:mod:`actcap.storage.float8`), in float32 unless ``dtype`` says otherwise.
+        """
+        t = self._get_stored(name)
+        scale = scale_name(name)
+        if scale in self.header:
+            return dequantize(t, self._get_stored(scale), dtype or torch.float32)
+        return t if dtype is None else t.to(dtype)
+
+    def is_float8(self, name: str) -> bool:
+        """Whether a site is stored as float8 values with a scale per row."""
+        return scale_name(name) in self.header
+
+    def _get_stored(self, name: str) -> Tensor:
+        """One tensor as stored."""
         self._check_name(name)
         if self._tensors is not None:
             return self._tensors[name]
@@ -163,7 +183,7 @@ class ActivationFile:
         Inside a shard or a torch.save file the tensor is read whole and then indexed.
         """
         self._check_name(name)
-        if self.slice is not None or self._tensors is not None:
+        if self.slice is not None or self._tensors is not None or self.is_float8(name):
             return self.get(name)
         return self._handle.get_slice(name)
 
@@ -173,7 +193,9 @@ class ActivationFile:
                 f"{self.label}: no site {name!r}. Sites in this file: {', '.join(self.sites)}."
             )
 
-    def iter_sites(self, sites: Sequence[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(site, tensor)`` one at a time (bounded memory)."""
+    def iter_sites(
+        self, sites: Sequence[str] | None = None, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(site, tensor)`` one at a time (bounded memory), in ``dtype`` if given."""
         for name in sites if sites is not None else self.sites:
-            yield name, self.get(name)
+            yield name, self.get(name, dtype)

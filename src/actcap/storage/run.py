@@ -384,6 +384,15 @@ class RunWriter:
         )
         return str(path)
 
+    def write_stats(self, data: bytes) -> str:
+        """Write ``stats.safetensors`` (statistics over every token) atomically."""
+        from actcap.storage.stats_file import STATS_FILE
+
+        path = self.root / STATS_FILE
+        refuse_link(path)
+        self.dirs.write_atomic("", STATS_FILE, [data])
+        return str(path)
+
     def close(self) -> None:
         """Close the manifest and shards, and release the lock."""
         if self._manifest is not None:
