@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actcap.bench import EvalOptions, Question, load_benchmark, run_benchmark
+from actcap.bench.questions import Benchmark
+from actcap.capture import CaptureSpec
 from actcap.errors import FormatError
+from actcap.storage import load_activations, open_run
 from actcap.storage.format import SampleMeta
 from actcap.storage.prefixes import (
     MIN_PREFIX_TOKENS,
+    PREFIXES,
     common_prefix,
     is_prefix_key,
     prefix_filename,
@@ -16,6 +21,7 @@ from actcap.storage.prefixes import (
     prefix_location,
     shareable_rows,
 )
+from tests.conftest import DATA
 
 
 def test_prefix_key_depends_on_model_dtype_sites_and_tokens():
@@ -72,3 +78,168 @@ def test_meta_carries_the_prefix_only_when_there_is_one():
     back = SampleMeta.from_header(header)
     assert (back.prefix, back.prefix_tokens) == ("a" * 64, 20)
     assert SampleMeta.from_header({**header, "prefix_tokens": "x"}).prefix_tokens == -1
+
+
+# --- end to end: a few-shot run with every token kept ------------------------------------------
+
+MMLU_FILE = DATA / "mmlu" / "test" / "high_school_geography_test.csv"
+GSM8K_FILE = DATA / "gsm8k" / "test.jsonl"
+
+
+def _run(tiny_lm, out, *, share=True, storage="files", few_shot=3, n=6, bench=None, **kw):
+    bench = bench or load_benchmark(f"mmlu:{MMLU_FILE}").limited(n)
+    return run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(layers=[0, 1], token_selection="all"),
+        options=EvalOptions(few_shot=few_shot, batch_size=4, share_prefixes=share),
+        out=out,
+        progress=False,
+        storage=storage,
+        verify=0,
+        **kw,
+    )
+
+
+def _loaded(out):
+    info = open_run(out)
+    return {e.id: load_activations(p) for e, p in info.sample_paths()}
+
+
+def _size(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("storage", ["files", "shards"])
+def test_a_few_shot_run_stores_the_shared_prefix_once_and_reads_whole(tiny_lm, tmp_path, storage):
+    _run(tiny_lm, tmp_path / "shared", storage=storage)
+    _run(tiny_lm, tmp_path / "whole", share=False, storage=storage)
+    prefixes = list((tmp_path / "shared" / PREFIXES).iterdir())
+    assert len(prefixes) == 1  # one subject: one prefix, written once
+    assert not (tmp_path / "whole" / PREFIXES).exists()
+    assert _size(tmp_path / "shared") < 0.6 * _size(tmp_path / "whole")
+    shared, whole = _loaded(tmp_path / "shared"), _loaded(tmp_path / "whole")
+    assert shared.keys() == whole.keys()
+    for qid, data in shared.items():
+        assert set(data) == set(whole[qid])  # the seed dictionary is unchanged
+        assert int(data["metadata"]["prefix_tokens"]) > 16
+        torch.testing.assert_close(data["input_ids"], whole[qid]["input_ids"])
+        for site, t in whole[qid]["activations"].items():
+            assert data["activations"][site].shape == t.shape
+            torch.testing.assert_close(data["activations"][site], t, atol=1e-4, rtol=1e-4)
+    lines = [e.record for e in open_run(tmp_path / "shared").entries]
+    assert all(is_prefix_key(r.get("prefix")) for r in lines)
+
+
+def test_a_lone_file_says_where_its_prefix_is(tiny_lm, tmp_path):
+    _run(tiny_lm, tmp_path / "r")
+    sample = next((tmp_path / "r" / "samples").iterdir())
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(sample.read_bytes())
+    with pytest.raises(FormatError, match="prefix"):
+        load_activations(lone)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_prefix_is_reported_naming_its_samples_and_redone_on_resume(
+    tiny_lm, tmp_path, damage
+):
+    out = tmp_path / "r"
+    _run(tiny_lm, out)
+    (prefix,) = (out / PREFIXES).iterdir()
+    if damage == "missing":
+        prefix.unlink()
+    else:
+        prefix.write_bytes(prefix.read_bytes()[:100])
+    entry, path = next(iter(open_run(out).sample_paths()))
+    with pytest.raises(FormatError, match="prefix") as e:
+        load_activations(path)
+    assert "resume" in str(e.value)
+    from actcap.analysis import directory_summary
+
+    skipped = directory_summary(out).skipped.files
+    assert len(skipped) == 6 and all("shared prefix" in why for _, why in skipped)
+    with pytest.warns(UserWarning, match="prefix"):
+        _run(tiny_lm, out, resume=True)
+    assert len(_loaded(out)) == 6  # every sample redone and whole again
+
+
+def test_the_prefix_is_durable_before_the_first_sample_that_needs_it(tiny_lm, tmp_path):
+    out = tmp_path / "r"
+    seen = []
+
+    def check(entry):
+        if entry.file is not None:
+            key = entry.record["prefix"]
+            seen.append((out / PREFIXES / f"{key}.safetensors").is_file())
+            raise KeyboardInterrupt  # a crash right after the first sample
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_lm, out, on_sample=check)
+    assert seen == [True]
+    assert len(_loaded(out)) == 1
+    _run(tiny_lm, out, resume=True)
+    assert len(_loaded(out)) == 6
+
+
+def test_no_prefix_for_last_token_or_without_shared_tokens(tiny_lm, tmp_path):
+    bench = load_benchmark(f"mmlu:{MMLU_FILE}").limited(4)
+    run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(layers=[0], token_selection="last"),
+        options=EvalOptions(few_shot=3, batch_size=4),
+        out=tmp_path / "last",
+        progress=False,
+        verify=0,
+    )
+    assert not (tmp_path / "last" / PREFIXES).exists()
+    distinct = Benchmark(
+        "distinct",
+        [
+            Question(id=f"d{i}", question=text, answer="x")
+            for i, text in enumerate(["Paris is a city.", "2 + 2 = ?", "The quick brown fox."])
+        ],
+    )
+    _run(tiny_lm, tmp_path / "distinct", bench=distinct, few_shot=0)
+    assert not (tmp_path / "distinct" / PREFIXES).exists()
+    assert all("prefix" not in d["metadata"] for d in _loaded(tmp_path / "distinct").values())
+
+
+def test_analysis_export_and_verify_read_prefixed_samples_whole(tiny_lm, tmp_path):
+    out = tmp_path / "r"
+    result = _run(tiny_lm, out)
+    from actcap.analysis import directory_summary
+    from actcap.bench.verify import verify_run
+
+    summary = directory_summary(out)
+    assert summary is not None
+    report = verify_run(out, tiny_lm, n=6)
+    assert report.passed, report.problems
+    assert result.n == 6
+
+
+def test_a_run_at_a_url_stores_its_prefix_once_and_reads_whole(tiny_lm, tmp_path):
+    import uuid
+
+    import fsspec
+
+    url = f"memory://actcap-prefix-{uuid.uuid4().hex[:8]}/run"
+    try:
+        _run(tiny_lm, url, storage="shards")
+        _run(tiny_lm, tmp_path / "whole", share=False)
+        fs = fsspec.filesystem("memory")
+        assert len(fs.ls(f"{url.removeprefix('memory://')}/{PREFIXES}")) == 1
+        shared, whole = _loaded(url), _loaded(tmp_path / "whole")
+        assert shared.keys() == whole.keys()
+        for qid, data in shared.items():
+            for site, t in whole[qid]["activations"].items():
+                torch.testing.assert_close(data["activations"][site], t, atol=1e-4, rtol=1e-4)
+        fs.rm(f"{url.removeprefix('memory://')}/{PREFIXES}", recursive=True)
+        with pytest.warns(UserWarning, match="shared prefix"):
+            _run(tiny_lm, url, storage="shards", resume=True)
+        assert len(_loaded(url)) == 6
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(url.removeprefix("memory://")):
+            fs.rm(url.removeprefix("memory://"), recursive=True)

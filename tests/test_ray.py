@@ -84,6 +84,8 @@ def test_two_workers_equal_one_process(ray_cluster, tiny_model_dir, reference, t
     result = run_ray(tiny_model_dir, out, storage="shards")
     assert result.n == 24 and result.answered == 24
     assert_equal_runs(reference, out)
+    # The prompts' shared header is stored once per run by whichever worker met it first.
+    assert len(list((out / "prefixes").glob("*.safetensors"))) == 1
     # Two actors at most, one model each (the second may still be starting when a small run ends).
     assert 1 <= len(list((out / "workers").glob("*.json"))) <= 2
     assert not list((out / "manifests").glob("*.jsonl"))  # merged by the driver

@@ -77,6 +77,7 @@ class EvalActor:
         storage: str,
         shard_bytes: int,
         threads: int,
+        prefixes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         """Load the model and attach to the run as an extra writer."""
         import torch
@@ -88,6 +89,7 @@ class EvalActor:
         self.capture = capture
         self.options = options
         self.sites = run_sites(self.lm, capture)
+        self.prefixes = dict(prefixes or {})
         self.writer_id = new_writer_id()
         self.out = out
         self.writer = attach_writer(
@@ -130,7 +132,15 @@ class EvalActor:
             self.lm, self.bench, todo, self.capture, self.sites, self.options
         ):
             self.writer.write(
-                finished_sample(self.lm.display_name, self.bench, q, a, record, self.capture)
+                finished_sample(
+                    self.lm.display_name,
+                    self.bench,
+                    q,
+                    a,
+                    record,
+                    self.capture,
+                    self.prefixes.get(q.id, ()),
+                )
             )
             written.add(q.id)
         self.writer.flush()
@@ -298,6 +308,9 @@ def _run_on_ray(run: RunState, model: str, ray_options: RayOptions, progress: Pr
                 "storage": run.writer.storage,
                 "shard_bytes": run.shard_bytes,
                 "threads": int(ray_options.cpus_per_worker),
+                "prefixes": {
+                    q.id: run.prefixes[q.id] for q in part.questions if q.id in run.prefixes
+                },
             },
             batch_size=batch_size,
             batch_format="numpy",

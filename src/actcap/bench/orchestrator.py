@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from actcap.bench import runner
+from actcap.bench.prefixes import shared_prefixes
 from actcap.bench.questions import Benchmark, Question
 from actcap.bench.runner import EvalOptions, EvalResult, Planned
 from actcap.bench.verify import verify_after_run
@@ -54,6 +55,8 @@ class RunState:
     """The questions not yet finished, in question order."""
     plan: list[Planned]
     """``todo`` with modes and prompts, in the order they will be batched."""
+    prefixes: dict[str, tuple[int, ...]]
+    """Question id to the token ids its prompt shares with its group, stored once per run."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,13 @@ class LocalExecution:
                     run.records[q.id] = record
                     sink.submit(
                         runner.finished_sample(
-                            self.lm.display_name, run.bench, q, a, record, run.capture
+                            self.lm.display_name,
+                            run.bench,
+                            q,
+                            a,
+                            record,
+                            run.capture,
+                            run.prefixes.get(q.id, ()),
                         )
                     )
                     progress.add(record)
@@ -238,7 +247,11 @@ def orchestrate(
         records = {qid: e.record for qid, e in writer.done.items()}
         todo = [q for q in bench.questions if q.id not in records]
         plan = runner.plan_questions(lm, bench, todo, options)
-        run = RunState(lm, bench, capture, options, sites, writer, shard_bytes, records, todo, plan)
+        share = capture is not None and capture.token_selection == "all" and options.share_prefixes
+        prefixes = shared_prefixes(lm, plan) if share and out is not None else {}
+        run = RunState(
+            lm, bench, capture, options, sites, writer, shard_bytes, records, todo, plan, prefixes
+        )
         return _finish(run, execution, progress, verify)
     finally:
         writer.close()

@@ -33,7 +33,7 @@ class PlannedPrompt(Protocol):
     def prompt(self) -> str: ...  # noqa: D102
 
 
-def shared_prefixes(lm: LoadedModel, plan: Sequence[PlannedPrompt]) -> dict[str, list[int]]:
+def shared_prefixes(lm: LoadedModel, plan: Sequence[PlannedPrompt]) -> dict[str, tuple[int, ...]]:
     """Question id to the token ids its prompt shares with the rest of its group.
 
     A group is the questions of one mode and category; groups of one question, and common
@@ -43,12 +43,12 @@ def shared_prefixes(lm: LoadedModel, plan: Sequence[PlannedPrompt]) -> dict[str,
     groups: dict[tuple[str, str], list[PlannedPrompt]] = defaultdict(list)
     for p in plan:
         groups[(p.mode, str(p.question.category or ""))].append(p)
-    out: dict[str, list[int]] = {}
+    out: dict[str, tuple[int, ...]] = {}
     for items in groups.values():
         if len(items) < 2:
             continue
         rows = [lm.tokenizer.encode(p.prompt, add_special_tokens=special) for p in items]
-        prefix = common_prefix(rows)
+        prefix = tuple(common_prefix(rows))
         if len(prefix) < MIN_PREFIX_TOKENS:
             continue
         for p in items:

@@ -76,6 +76,9 @@ class EvalOptions:
     few-shot prefixes; results are unchanged)."""
     prefix_cache: bool = True
     """In log-likelihood mode, run a batch's shared prompt prefix once and reuse its KV cache."""
+    share_prefixes: bool = True
+    """With every token kept, store the token prefix a group's prompts share (few-shot examples,
+    a system prompt) once per run instead of in every sample (readers join it back)."""
     background_write: bool = True
     """Write sample files in a background thread (bounded queue) while the model computes."""
     overflow: Literal["error", "truncate"] = "error"
@@ -499,8 +502,9 @@ def finished_sample(
     a: Answer,
     record: dict[str, Any],
     capture: CaptureSpec | None,
+    shared_prefix: tuple[int, ...] = (),
 ) -> FinishedSample:
-    """One answered question as the run writer takes it."""
+    """One answered question as the run writer takes it (``shared_prefix``: see EvalOptions)."""
     if capture is None:
         return FinishedSample(q.id, record)
     meta = SampleMeta(
@@ -522,4 +526,6 @@ def finished_sample(
             **({"nonfinite": record["nonfinite"]} if record.get("nonfinite") else {}),
         },
     )
-    return FinishedSample(q.id, record, a.activations, meta, a.input_ids, a.output_ids)
+    return FinishedSample(
+        q.id, record, a.activations, meta, a.input_ids, a.output_ids, shared_prefix
+    )

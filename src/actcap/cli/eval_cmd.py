@@ -103,6 +103,7 @@ class EvalArgs:
     capture_generated: bool
     no_capture: bool
     overflow: Literal["error", "truncate"]
+    share_prefixes: bool
     fields: tuple[str, ...]
     device: str
     device_map: str | None
@@ -139,6 +140,7 @@ class EvalArgs:
             choice_format=self.choice_format,
             limit=self.limit,
             overflow=self.overflow,
+            share_prefixes=self.share_prefixes,
         )
 
     def ray_options(self) -> Any:
@@ -261,6 +263,13 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @dtype_option
 @click.option("--capture-generated", is_flag=True, help="Also capture the generated tokens.")
 @click.option("--no-capture", is_flag=True, help="Evaluate only: no activation files.")
+@click.option(
+    "--share-prefixes/--no-share-prefixes",
+    default=True,
+    show_default=True,
+    help="With --token-selection all: store the token prefix prompts share (few-shot examples, "
+    "a system prompt) once per run; readers join it back.",
+)
 @click.option(
     "--overflow",
     default="error",

@@ -41,6 +41,8 @@ RESULTS = "results.json"
 SAMPLES = "samples"
 
 SHARDS = "shards"
+PREFIXES = "prefixes"
+"""Shared prompt prefixes, one file each (see :mod:`actcap.storage.prefixes`)."""
 
 LOCK = ".lock"
 
@@ -142,7 +144,7 @@ def is_sample_name(name: str) -> bool:
 
 def refuse_run_links(root: Path) -> None:
     """Refuse a run folder where any of actcap's own names (or a manifest segment) is a link."""
-    for name in (LOCK, RUN_FILE, MANIFEST, RESULTS, SAMPLES, SHARDS, MANIFESTS, WORKERS):
+    for name in (LOCK, RUN_FILE, MANIFEST, RESULTS, SAMPLES, SHARDS, MANIFESTS, WORKERS, PREFIXES):
         refuse_link(root / name)
     if (root / MANIFESTS).is_dir():
         for p in (root / MANIFESTS).iterdir():

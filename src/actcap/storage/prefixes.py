@@ -18,19 +18,25 @@ can point a reader anywhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from actcap.errors import FormatError
-from actcap.storage.location import is_url
+from actcap.storage.format import SampleMeta
+from actcap.storage.header import parse_header
+from actcap.storage.layout import PREFIXES
+from actcap.storage.location import is_url, local_path, read_range, url_fs
+from actcap.storage.records import FinishedSample
+from actcap.storage.safety import NOFOLLOW, UnsafePathError, run_path
 
-PREFIXES = "prefixes"
-"""The run's folder of shared prefixes."""
 PREFIX_KEY = "prefix"
 """Header metadata (and manifest) key: the prefix a sample's first rows are in."""
 PREFIX_TOKENS = "prefix_tokens"
@@ -113,3 +119,89 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
         if any(r[j] != first[j] for r in rows[1:]):
             return list(first[:j])
     return list(first[:n])
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The rows of a prefix, as a run writer stores them once (an activation file of its own)."""
+
+    key: str
+    activations: dict[str, Tensor]
+    """Site to ``[prefix_tokens, ...]``."""
+    input_ids: Tensor
+    meta: SampleMeta
+
+    @property
+    def filename(self) -> str:
+        """Its name in ``prefixes/``."""
+        return prefix_filename(self.key)
+
+
+def split_shared_prefix(sample: FinishedSample) -> tuple[FinishedSample, SharedPrefix | None]:
+    """Cut a sample's shared prefix rows off: the sample as its file keeps it, and the prefix.
+
+    Nothing is cut (None) without capture, with ``last``/``mean`` selection, or when the sample
+    does not begin with its ``shared_prefix`` tokens (see :func:`shareable_rows`). The sample
+    returned says in its metadata and manifest record which prefix holds its first rows.
+    """
+    acts, meta = sample.activations, sample.meta
+    if acts is None or meta is None or not sample.shared_prefix:
+        return sample, None
+    if meta.token_selection != "all":
+        return sample, None
+    n = shareable_rows(acts, sample.input_ids, sample.shared_prefix)
+    if n == 0:
+        return sample, None
+    key = prefix_key(meta.model, meta.dtype, list(acts), sample.shared_prefix)
+    prefix = SharedPrefix(
+        key,
+        {site: t[:n] for site, t in acts.items()},
+        torch.tensor(sample.shared_prefix[:n], dtype=torch.int64),
+        SampleMeta(
+            prompt="",
+            model=meta.model,
+            token_selection="all",
+            dtype=meta.dtype,
+            extra={"shared_prefix": True},
+        ),
+    )
+    own = dataclasses.replace(
+        sample,
+        activations={site: t[n:] for site, t in acts.items()},
+        meta=dataclasses.replace(meta, prefix=key, prefix_tokens=n),
+        record={**sample.record, PREFIX_KEY: key},
+    )
+    return own, prefix
+
+
+def prefix_problem(
+    root: str | os.PathLike[str], key: str, real_root: str | None = None
+) -> str | None:
+    """Why a run's shared prefix cannot be used (missing, cut short, corrupt), or None when whole.
+
+    Only the header is read: it must parse with every tensor inside the file.
+    """
+    text = os.fspath(root)
+    try:
+        rel = f"{PREFIXES}/{prefix_filename(key)}"
+        where = run_path(text, rel, real_root)
+        if is_url(where):
+            fs, path = url_fs(where)
+            if not fs.exists(path):
+                return f"its shared prefix {rel} is missing"
+            size = int(fs.size(path))
+            parse_header(lambda start, n: read_range(where, start, start + n), size, rel)
+            return None
+        try:
+            fd = os.open(local_path(where), os.O_RDONLY | NOFOLLOW)
+        except FileNotFoundError:
+            return f"its shared prefix {rel} is missing"
+        try:
+            parse_header(lambda start, n: os.pread(fd, n, start), os.fstat(fd).st_size, rel)
+        finally:
+            os.close(fd)
+    except (FormatError, UnsafePathError) as e:
+        return f"its shared prefix cannot be used ({e})"
+    except OSError as e:
+        return f"its shared prefix cannot be read ({e.strerror or e})"
+    return None

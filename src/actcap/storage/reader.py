@@ -22,8 +22,10 @@ from actcap.storage.float8 import dequantize, is_scale_name, scale_name
 from actcap.storage.format import ID_TENSORS, SampleMeta, ShardSlice
 from actcap.storage.header import PICKLED, check_metadata, detect_format, parse_header, read_header
 from actcap.storage.legacy import legacy_contents
-from actcap.storage.location import is_url, read_range
+from actcap.storage.location import is_url, read_range, url_fs
 from actcap.storage.names import site_sort_key
+from actcap.storage.prefixes import is_prefix_key, prefix_filename, prefix_location
+from actcap.storage.safety import UnsafePathError, run_path
 
 
 class ActivationFile:
@@ -68,6 +70,54 @@ class ActivationFile:
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
         self.meta = SampleMeta.from_header(self.raw_metadata)
+        self._prefix: ActivationFile | None = None
+        if "prefix" in self.raw_metadata and not (
+            is_prefix_key(self.meta.prefix) and self.meta.prefix_tokens > 0
+        ):
+            raise FormatError(
+                f"{self.label}: corrupt header: shared prefix {self.meta.prefix!r} of "
+                f"{self.raw_metadata.get('prefix_tokens')!r} tokens."
+            )
+
+    @property
+    def prefix_tokens(self) -> int:
+        """How many leading rows of each site lie in the run's shared prefix (0: none)."""
+        return self.meta.prefix_tokens if self.meta.prefix else 0
+
+    def _prefix_file(self) -> ActivationFile:
+        """The run's shared prefix holding this sample's first rows, opened and checked once.
+
+        Raises:
+            FormatError: When it is missing, unreadable, outside the run, or does not fit.
+        """
+        if self._prefix is not None:
+            return self._prefix
+        key, n = self.meta.prefix, self.meta.prefix_tokens
+        where = prefix_location(self.slice.shard if self.slice is not None else self.path, key)
+        try:
+            if is_url(where):  # an object: read as one slice of itself
+                fs, path = url_fs(where)
+                prefix = ActivationFile(ShardSlice(where, 0, int(fs.size(path))))
+            else:  # never follow a link out of the sample's run
+                run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
+                prefix = ActivationFile(where)
+            if prefix.meta.prefix:
+                raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
+            for site in self.sites:
+                own, shared = self.shape(site, own=True), prefix.shape(site)
+                if shared[0] != n or shared[1:] != own[1:]:
+                    raise FormatError(
+                        f"{where}: site {site!r} has shape {list(shared)}, not {n} rows of "
+                        f"{list(own[1:])}."
+                    )
+        except (FormatError, UnsafePathError, UnknownNameError, OSError) as e:
+            raise FormatError(
+                f"{self.label}: its first {n} token rows are in the run's shared prefix "
+                f"prefixes/{key}.safetensors, which cannot be used ({e}). Resume the run "
+                "(actcap eval ... --resume) to redo every sample that uses it."
+            ) from None
+        self._prefix = prefix
+        return prefix
 
     def _slice_header(self, part: ShardSlice) -> dict[str, Any]:
         """The checked header of one sample in a shard; notes where its tensors start."""
@@ -117,6 +167,8 @@ class ActivationFile:
     def close(self) -> None:
         """Release the memory map."""
         self._handle = None
+        if self._prefix is not None:
+            self._prefix.close()
 
     @property
     def names(self) -> list[str]:
@@ -131,10 +183,20 @@ class ActivationFile:
             key=site_sort_key,
         )
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of a tensor, from the header."""
+    def shape(self, name: str, *, own: bool = False) -> tuple[int, ...]:
+        """The shape of a tensor, from the header (a site's shared prefix rows included).
+
+        ``own=True``: only the rows this file holds.
+        """
         self._check_name(name)
-        return tuple(self.header[name]["shape"])
+        shape = tuple(self.header[name]["shape"])
+        if own or not self._prefixed(name):
+            return shape
+        return (shape[0] + self.prefix_tokens, *shape[1:])
+
+    def _prefixed(self, name: str) -> bool:
+        """Whether a tensor's first rows lie in the shared prefix (sites only, not token ids)."""
+        return bool(self.prefix_tokens) and name not in ID_TENSORS and not is_scale_name(name)
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype of a tensor (``F32``, ``BF16``, ...)."""
@@ -147,6 +209,13 @@ class ActivationFile:
         A float8 site (``--dtype float8``) comes back dequantized with its scale
         (:mod:`actcap.storage.float8`), in float32 unless ``dtype`` says otherwise.
         """
+        t = self._get_own(name, dtype)
+        if not self._prefixed(name):
+            return t
+        return torch.cat([self._prefix_file().get(name, dtype), t])
+
+    def _get_own(self, name: str, dtype: torch.dtype | None) -> Tensor:
+        """The rows of a tensor this file holds, dequantized when float8."""
         t = self._get_stored(name)
         scale = scale_name(name)
         if scale in self.header:
@@ -183,7 +252,12 @@ class ActivationFile:
         Inside a shard or a torch.save file the tensor is read whole and then indexed.
         """
         self._check_name(name)
-        if self.slice is not None or self._tensors is not None or self.is_float8(name):
+        if (
+            self.slice is not None
+            or self._tensors is not None
+            or self.is_float8(name)
+            or self._prefixed(name)
+        ):
             return self.get(name)
         return self._handle.get_slice(name)
 

@@ -23,6 +23,7 @@ from actcap.storage.format import SampleMeta
 from actcap.storage.layout import (
     MANIFEST,
     MANIFESTS,
+    PREFIXES,
     RESULTS,
     RUN_FILE,
     SHARD_BYTES,
@@ -39,6 +40,7 @@ from actcap.storage.manifest import (
     merged_manifest,
     read_all_manifests,
 )
+from actcap.storage.prefixes import prefix_problem, split_shared_prefix
 from actcap.storage.records import FinishedSample
 from actcap.storage.repair import damaged_samples, warn_redone
 from actcap.storage.runconfig import check_run_config
@@ -63,6 +65,7 @@ class RemoteRunWriter:
         self._size = 0
         self._pending: list[dict[str, Any]] = []
         self._segments = 0
+        self._prefixes: set[str] = set()
 
     @classmethod
     def open(
@@ -124,14 +127,27 @@ class RemoteRunWriter:
         Raises:
             RunError: When the sample is already done or the object cannot be written.
         """
+        if self.is_done(sample.id):
+            raise RunError(f"{self.root}: sample {sample.id!r} is already in the manifest.")
+        sample, prefix = split_shared_prefix(sample)
         sample_id, record = sample.id, sample.record
         activations, meta = sample.activations, sample.meta
         input_ids, output_ids = sample.input_ids, sample.output_ids
-        if self.is_done(sample_id):
-            raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
         rel: str | None = None
         where: dict[str, int] = {}
         try:
+            if prefix is not None and prefix.key not in self._prefixes:
+                # An object appears whole when its write completes: durable before the sample,
+                # which is listed only when its shard is sealed, later still.
+                if prefix_problem(self.root, prefix.key) is not None:
+                    parts = encode_sample(
+                        prefix.key, prefix.activations, prefix.meta, input_ids=prefix.input_ids
+                    )
+                    self._fs.makedirs(f"{self._path}/{PREFIXES}", exist_ok=True)
+                    self._fs.pipe_file(
+                        f"{self._path}/{PREFIXES}/{prefix.filename}", b"".join(parts)
+                    )
+                self._prefixes.add(prefix.key)
             if activations is not None and meta is not None:
                 parts = encode_sample(
                     sample_id, activations, meta, input_ids=input_ids, output_ids=output_ids

@@ -16,6 +16,7 @@ from actcap.storage.format import ShardSlice
 from actcap.storage.header import check_question_id, parse_header, read_header
 from actcap.storage.location import PathOrUrl, is_url, local_path, url_fs
 from actcap.storage.manifest import ManifestEntry, merged_manifest, replace_manifest
+from actcap.storage.prefixes import PREFIX_KEY, prefix_problem
 from actcap.storage.safety import NOFOLLOW, RunDirs
 
 
@@ -42,7 +43,25 @@ def damaged_samples(root: PathOrUrl, entries: Iterable[ManifestEntry]) -> dict[s
             bad[e.id] = str(err)
     for shard, items in slices.items():
         bad.update(_damaged_in_shard(shard, items))
+    bad.update(_damaged_prefixes(text, real_root, entries, bad))
     return bad
+
+
+def _damaged_prefixes(
+    root: str, real_root: str | None, entries: Iterable[ManifestEntry], bad: Mapping[str, str]
+) -> dict[str, str]:
+    """The samples whose shared prefix (checked once per prefix) is missing or damaged."""
+    users: dict[str, list[str]] = {}
+    for e in entries:
+        key = e.record.get(PREFIX_KEY)
+        if key is not None and e.file is not None and e.id not in bad:
+            users.setdefault(str(key), []).append(e.id)
+    out: dict[str, str] = {}
+    for key, ids in users.items():
+        why = prefix_problem(root, key, real_root)
+        if why is not None:
+            out.update({i: f"{why}; {len(ids)} sample(s) use it" for i in ids})
+    return out
 
 
 def _damaged_in_shard(shard: str, items: list[tuple[ManifestEntry, ShardSlice]]) -> dict[str, str]:

@@ -23,7 +23,7 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -36,6 +36,7 @@ from actcap.storage.layout import (
     LOCK,
     MANIFEST,
     MANIFESTS,
+    PREFIXES,
     RESULTS,
     ROOT_TEMP_NAME,
     RUN_FILE,
@@ -62,6 +63,7 @@ from actcap.storage.manifest import (
     read_all_manifests,
     replace_manifest,
 )
+from actcap.storage.prefixes import SharedPrefix, prefix_problem, split_shared_prefix
 from actcap.storage.records import FinishedSample
 from actcap.storage.repair import drop_damaged
 from actcap.storage.runconfig import check_run_config
@@ -102,6 +104,8 @@ class RunWriter:
         self._manifest: BinaryIO | None = self._open_manifest() if lock_fd >= 0 else None
         self.done: dict[str, ManifestEntry] = {e.id: e for e in read_all_manifests(root)}
         self._shards = ShardAppender(dirs, self.writer_id, shard_bytes)
+        self._prefixes: set[str] = set()
+        """Shared prefixes known whole in this session (written, or found and checked)."""
 
     @classmethod
     def open(
@@ -211,7 +215,12 @@ class RunWriter:
             return []  # not an actcap run: delete nothing
         removed = []
         listed = {e.file for e in self.done.values() if e.file}
-        for folder, ours in ((SAMPLES, is_sample_name), (SHARDS, SHARD_FILE.fullmatch)):
+        folders: tuple[tuple[str, Callable[[str], object]], ...] = (
+            (SAMPLES, is_sample_name),
+            (SHARDS, SHARD_FILE.fullmatch),
+            (PREFIXES, lambda name: False),  # kept: a later sample or resume may use it
+        )
+        for folder, ours in folders:
             for name in dirs.listdir(folder):
                 leftover = TEMP_NAME.fullmatch(name) or (
                     ours(name) and f"{folder}/{name}" not in listed
@@ -250,14 +259,17 @@ class RunWriter:
         Raises:
             RunError: When the sample is already done, or the disk is full or unwritable.
         """
+        if sample.id in self.done:
+            raise RunError(f"{self.root}: sample {sample.id!r} is already in the manifest.")
+        sample, prefix = split_shared_prefix(sample)
         sample_id, record = sample.id, sample.record
         activations, meta = sample.activations, sample.meta
         input_ids, output_ids = sample.input_ids, sample.output_ids
-        if sample_id in self.done:
-            raise RunError(f"{self.root}: sample {sample_id!r} is already in the manifest.")
         rel: str | None = None
         where: dict[str, int] = {}
         try:
+            if prefix is not None:
+                self._store_prefix(prefix)  # durable before any sample that leans on it
             if activations is not None and meta is not None:
                 if self.storage == "shards":
                     parts = encode_sample(
@@ -383,6 +395,24 @@ class RunWriter:
             "", RESULTS, [json.dumps(results, indent=2, ensure_ascii=False).encode()]
         )
         return str(path)
+
+    def _store_prefix(self, prefix: SharedPrefix) -> None:
+        """Write a shared prefix once per run: kept when a whole one is there, else (re)written.
+
+        Writers of one run (Ray workers) that meet a new prefix at once may each write it; the
+        last rename wins, and its rows equal the others' up to floating-point noise.
+        """
+        if prefix.key in self._prefixes:
+            return
+        if prefix_problem(self.root, prefix.key) is not None:  # missing, or damaged: redo it
+            parts = encode_sample(
+                str(self.dirs.path(PREFIXES, prefix.filename)),
+                prefix.activations,
+                prefix.meta,
+                input_ids=prefix.input_ids,
+            )
+            self.dirs.write_atomic(PREFIXES, prefix.filename, parts)
+        self._prefixes.add(prefix.key)
 
     def write_stats(self, data: bytes) -> str:
         """Write ``stats.safetensors`` (statistics over every token) atomically."""

@@ -13,7 +13,7 @@ from actcap.storage.layout import RUN_FILE, RUN_MARKER
 from actcap.storage.location import PathOrUrl, exists, join, read_bytes
 
 FREE_OPTIONS = frozenset(
-    {"batch_size", "limit", "sort_by_length", "prefix_cache", "background_write"}
+    {"batch_size", "limit", "sort_by_length", "prefix_cache", "background_write", "share_prefixes"}
 )
 """Options a resume may change: they select questions or set speed, never change an answer."""
 
