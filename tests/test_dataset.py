@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 10
 
 
-def make_run(lm, out, selection="all", storage="files", capture=True, **kw):
+def make_run(lm, out, selection="all", storage="files", capture=True, dtype="float32", **kw):
     bench = load_benchmark(f"mmlu:{MMLU}").limited(N)
-    spec = CaptureSpec(layers=[0, 1], token_selection=selection) if capture else None
+    spec = CaptureSpec(layers=[0, 1], token_selection=selection, dtype=dtype) if capture else None
     run_benchmark(
         lm,
         bench,
@@ -339,3 +339,13 @@ def test_probe_reads_a_run_through_the_dataset_with_the_same_results(
     assert reads == ["samples"]
     monkeypatch.setattr(mod.ActivationDataset, "__iter__", real)
     assert results == probe_layers(run, "correct", how=how, folds=2, vectors=old)
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_half_precision_runs_read_as_load_activations_does(tiny_lm, tmp_path, stored):
+    run = make_run(tiny_lm, tmp_path / "run", dtype=stored)
+    got = list(ActivationDataset(run, sites=["layer_1"], rows="samples", labels=["id"]))
+    assert len(got) == N
+    for row in got:
+        want = load_activations(run, sample_id=row["id"])["activations"]["layer_1"]
+        assert row["x"].dtype == torch.float32 and torch.equal(row["x"], want.float())

@@ -450,16 +450,17 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             warnings.warn(f"sample {sample_id!r} skipped: {why}", stacklevel=3)
 
     def _array(self, a: np.ndarray) -> np.ndarray:
-        """A writable array of the dtype asked for (float32 for bfloat16, which numpy has not).
+        """The array in the dtype asked for (float32 for bfloat16, which numpy has not).
 
-        Copied only when needed: a read-only buffer (a shard's bytes) or another dtype.
+        Copied only for another dtype: a read-only view of the file stays one until it leaves
+        (:meth:`_tensor`), so that a batch or the shuffle buffer makes the one copy.
         """
         want = _NUMPY.get(self.dtype, np.float32)
-        return a if a.dtype == want and a.flags.writeable else a.astype(want)
+        return a if a.dtype == want else a.astype(want)
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        """An array from :meth:`_array` as a tensor of the dtype asked for (no copy but bfloat16)."""
-        t = torch.from_numpy(a)
+        """An array from :meth:`_array` as a writable tensor of the dtype asked for."""
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def _sample_labels(self, i: int) -> dict[str, Any]:

@@ -10,6 +10,8 @@ has not, a file safetensors refuses) through :class:`~actcap.storage.ActivationF
 from __future__ import annotations
 
 import functools
+import json
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -140,12 +142,37 @@ def _safetensors_arrays(
             keys = f.keys()
             names = _sites_of(tuple(keys))
             wanted = names if names_wanted is None else [n for n in names_wanted if n in keys]
-            unsure = "dtype" not in meta  # actcap's own files say their dtype
-            if unsure and any(f.get_slice(n).get_dtype() not in _NUMPY_DTYPES for n in wanted):
-                return None
-            return list(names), {n: f.get_tensor(n) for n in wanted}
-    except (SafetensorError, OSError, ValueError, TypeError):
+        arrays = _mapped(path, wanted)  # its header checked by safetensors above
+        return None if arrays is None else (list(names), arrays)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def _mapped(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Read-only arrays over a memory map of a safetensors file whose header safetensors checked.
+
+    No copy here: the caller's one copy (into a batch, or into the dtype asked for) is the only
+    one, where reading the tensors would make one more. None when a tensor's dtype is not one
+    numpy reads, or the file changed since its check (the caller falls back).
+    """
+    with open(path, "rb") as fh:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(size))
+        length = os.fstat(fh.fileno()).st_size
+        spans = {n: header[n]["data_offsets"] for n in names}
+        if any(header[n]["dtype"] not in _NUMPY_DTYPES for n in names) or any(
+            8 + size + end > length for _, end in spans.values()
+        ):
+            return None
+        mm: Any = b""  # an empty file cannot be mapped, nor need be
+        if any(end > begin for begin, end in spans.values()):
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    arrays = {}
+    for n, (begin, end) in spans.items():
+        dtype = np.dtype(_NUMPY_DTYPES[header[n]["dtype"]])
+        count = (end - begin) // dtype.itemsize
+        arrays[n] = np.frombuffer(mm, dtype, count, 8 + size + begin).reshape(header[n]["shape"])
+    return arrays
 
 
 def _file_arrays(

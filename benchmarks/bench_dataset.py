@@ -1,0 +1,125 @@
+"""ActivationDataset's throughput against the raw read speed of the same files, in one process.
+
+    python -m benchmarks.bench_dataset --run /tmp/ds_run --sites layer_12 [--rounds 5]
+
+The raw read opens each sample with safetensors and reads the same tensors the dataset delivers
+(``safe_open(...).get_tensor(site)`` for a file per sample; ``safetensors.torch.load`` of the
+sample's bytes for a shard). The dataset is timed as a training loop reads it: rows of tokens
+through a ``DataLoader`` (``batch_size`` rows collated per batch), ready batches
+(``ActivationDataset(batch_size=...)`` with ``DataLoader(batch_size=None)``), and one row per
+sample. Each round times every reader once, in turn (interleaved), after a warm-up pass that
+puts the files in the page cache; the best round of each is reported, with the ratio of its
+MB/s to the raw read's (the target is at least 80%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors.torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from actcap.data import ActivationDataset
+from actcap.storage.format import ShardSlice
+
+
+def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
+    """Read the sites of every sample with safetensors alone: (rows, bytes)."""
+    samples = [path for _, _, path in ds.samples]
+
+    def run() -> tuple[int, int]:
+        rows = nbytes = 0
+        for path in samples:
+            if isinstance(path, ShardSlice):
+                with open(path.shard, "rb") as f:
+                    f.seek(path.offset)
+                    tensors = safetensors.torch.load(f.read(path.length))
+                got = [tensors[s] for s in ds.sites]
+            else:
+                with safe_open(str(Path(path)), framework="pt") as f:
+                    got = [f.get_tensor(s) for s in ds.sites]
+            rows += got[0].shape[0] if got[0].dim() > 1 else 1
+            nbytes += sum(t.numel() * t.element_size() for t in got)
+        return rows, nbytes
+
+    return run
+
+
+def loader_reader(loader: DataLoader, per_row: int) -> Callable[[], tuple[int, int]]:
+    """Iterate a DataLoader of the dataset: (rows, bytes of x delivered)."""
+
+    def run() -> tuple[int, int]:
+        rows = 0
+        for batch in loader:
+            x = batch["x"]
+            first = next(iter(x.values())) if isinstance(x, dict) else x
+            rows += first.shape[0]
+        return rows, rows * per_row
+
+    return run
+
+
+def samples_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
+    """One row per sample, as a probe reads them: (samples, bytes of x delivered)."""
+
+    def run() -> tuple[int, int]:
+        rows = nbytes = 0
+        for row in ds:
+            x = row["x"]
+            for t in x.values() if isinstance(x, dict) else [x]:
+                nbytes += t.numel() * t.element_size()
+            rows += 1
+        return rows, nbytes
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a run directory (files or shards)")
+    p.add_argument("--sites", default="layer_12", help="comma-separated sites, or all")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per batch")
+    args = p.parse_args()
+    sites = None if args.sites == "all" else args.sites.split(",")
+    tokens = ActivationDataset(args.run, sites=sites)
+    sites = tokens.sites
+    hidden = sum(next(iter(ActivationDataset(args.run, sites=[s])))["x"].numel() for s in sites)
+    per_row = hidden * 4  # float32
+    batched = ActivationDataset(args.run, sites=sites, batch_size=args.batch_size)
+    readers = {
+        "raw safetensors": raw_reader(tokens),
+        "dataset, rows collated": loader_reader(DataLoader(tokens, args.batch_size), per_row),
+        "dataset, batch_size=": loader_reader(DataLoader(batched, batch_size=None), per_row),
+        "dataset, rows=samples": samples_reader(
+            ActivationDataset(args.run, sites=sites, rows="samples")
+        ),
+    }
+    for read in readers.values():
+        read()  # warm-up: the page cache, torch's first calls
+    best: dict[str, tuple[float, int, int]] = {}
+    for _ in range(args.rounds):
+        for name, read in readers.items():
+            start = time.perf_counter()
+            rows, nbytes = read()
+            took = time.perf_counter() - start
+            if name not in best or took < best[name][0]:
+                best[name] = (took, rows, nbytes)
+    print(
+        f"{args.run}: {len(tokens.samples)} samples, sites {', '.join(sites)}, best of {args.rounds}"
+    )
+    raw_mbs = best["raw safetensors"][2] / best["raw safetensors"][0] / 1e6
+    for name, (took, rows, nbytes) in best.items():
+        mbs = nbytes / took / 1e6
+        print(
+            f"  {name:24} {rows:>8,} rows {took * 1e3:8.1f} ms {rows / took:>12,.0f} rows/s "
+            f"{mbs:8.0f} MB/s  {mbs / raw_mbs:6.0%} of raw"
+        )
+
+
+if __name__ == "__main__":
+    main()
