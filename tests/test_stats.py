@@ -183,3 +183,76 @@ def test_loglik_stats_count_a_shared_prefix_once_per_prompt(tiny_lm, prefix_cach
     answer_loglik(tiny_lm, qs, prompts, last, sites, 5, prefix_cache=prefix_cache, stats=collector)
     for name, stats in collector.finished().items():
         _assert_matches(stats, _numpy_stats([a.activations[name] for a in stored]))
+
+
+def _eval(tiny_model_dir, out, mode: str, *flags: str) -> None:
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+    from tests.conftest import DATA
+
+    bench = DATA / "mmlu" / "test" / "high_school_geography_test.csv"
+    args = ["eval", "--model", str(tiny_model_dir), "--benchmark", f"mmlu:{bench}"]
+    args += ["--limit", "5", "--batch-size", "3", "--few-shot", "2", "--mode", mode]
+    args += ["--layers", "embeddings,0,-1", "--max-new-tokens", "4", "--verify", "0"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(out), "--quiet", *flags])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("mode", ["loglik", "generate"])
+def test_eval_stats_equal_numpy_over_a_run_storing_every_token(tiny_model_dir, tmp_path, mode):
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+    from actcap.storage import load_activations, open_run
+    from actcap.storage.stats_file import read_stats
+
+    gen = ["--capture-generated"] if mode == "generate" else []
+    _eval(tiny_model_dir, tmp_path / "all", mode, "--token-selection", "all", *gen)
+    _eval(
+        tiny_model_dir, tmp_path / "last", mode, "--token-selection", "last", "--stats", "all", *gen
+    )
+    full = {
+        e.id: load_activations(src)["activations"]
+        for e, src in open_run(tmp_path / "all").sample_paths()
+    }
+    contents = read_stats(tmp_path / "last")
+    assert contents is not None and contents.n_samples == 5
+    assert sorted(contents.sites) == sorted(next(iter(full.values())))
+    assert "layer_0" in contents.sites
+    for site, tensors in contents.sites.items():
+        stats = SiteStats.from_tensors(tensors)
+        _assert_matches(stats, _numpy_stats([acts[site] for acts in full.values()]))
+        top = full[contents.samples[int(stats.top_sample[0])]][site]
+        value = top[int(stats.top_position[0]), int(stats.top_dim[0])]
+        assert float(value) == pytest.approx(float(stats.top_value[0]), rel=1e-5)
+    # Only the last token stored, and the statistics shown by analyze and the report.
+    last = open_run(tmp_path / "last")
+    entry, src = next(iter(last.sample_paths()))
+    assert load_activations(src)["activations"]["layer_0"].dim() == 1
+    r = CliRunner().invoke(cli, ["analyze", "--directory", str(tmp_path / "last")])
+    assert r.exit_code == 0, r.output
+    assert "statistics over every token" in r.output and "layer_0:" in r.output
+    report = tmp_path / "report.html"
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "last"), "--out", str(report)])
+    assert r.exit_code == 0, r.output
+    assert "Statistics over every token" in report.read_text()
+
+
+def test_stats_of_an_uncaptured_site_is_one_line(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+    from tests.conftest import DATA
+
+    bench = DATA / "mmlu" / "test" / "high_school_geography_test.csv"
+    args = ["eval", "--model", str(tiny_model_dir), "--benchmark", f"mmlu:{bench}", "--limit", "2"]
+    r = CliRunner().invoke(
+        cli, [*args, "--layers", "0", "--stats", "1", "--out", str(tmp_path / "r")]
+    )
+    assert r.exit_code != 0 and "layer_1 is not captured" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(
+        cli, [*args, "--no-capture", "--stats", "all", "--out", str(tmp_path / "s")]
+    )
+    assert r.exit_code != 0 and "--stats needs capture" in r.output

@@ -13,6 +13,7 @@ from typing import Any
 
 from actcap.analysis.figures import make_figures
 from actcap.analysis.probes import ProbeResult
+from actcap.analysis.run_stats import run_statistics, statistics_html
 from actcap.data.samples import SampleRef, is_run, list_samples, run_samples
 from actcap.errors import NoActivationsError
 from actcap.storage.durable import atomic_write_bytes
@@ -323,6 +324,9 @@ def build_report(
     if results is not None:
         parts.extend(_results_html(results))
         parts.extend(_checks_html(results))
+    found = run_statistics(root)
+    if found is not None:
+        parts.extend(statistics_html(*found))
     parts.extend(figures)
     parts.extend(_probes_html(probes, target))
     parts.extend(_samples_html(records, max_rows))

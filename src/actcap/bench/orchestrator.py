@@ -24,9 +24,11 @@ from typing import Any, Protocol
 from actcap.bench import runner
 from actcap.bench.prefixes import shared_prefixes
 from actcap.bench.questions import Benchmark, Question
+from actcap.bench.run_stats import open_stats, stats_sites, write_stats
 from actcap.bench.runner import EvalOptions, EvalResult, Planned
 from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
+from actcap.capture.stats import StatsCollector
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter, InlineWriter, SampleSink
 from actcap.storage.layout import Storage, resolve_storage
@@ -57,6 +59,8 @@ class RunState:
     """``todo`` with modes and prompts, in the order they will be batched."""
     prefixes: dict[str, tuple[int, ...]]
     """Question id to the token ids its prompt shares with its group, stored once per run."""
+    stats: StatsCollector | None = None
+    """Statistics over every token (``--stats``), seeded from a resumed run's file."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ class LocalExecution:
         try:
             for batch in runner.plan_batches(run.plan, run.options.batch_size):
                 answered = runner.answer_batch(
-                    self.lm, run.bench, batch, run.capture, run.sites, run.options
+                    self.lm, run.bench, batch, run.capture, run.sites, run.options, run.stats
                 )
                 for q, a, record in answered:
                     run.records[q.id] = record
@@ -236,6 +240,7 @@ def orchestrate(
     """
     bench = benchmark.limited(options.limit)
     sites = runner.run_sites(lm, capture)
+    stats_sites(lm, capture, sites)  # an unknown or uncaptured --stats site: refused before writing
     layout = resolve_storage(storage, len(bench.questions), out)
     config = runner.run_config(lm, bench, capture, sites, options, layout, benchmark.questions)
     writer: SampleWriter = (
@@ -252,6 +257,7 @@ def orchestrate(
         run = RunState(
             lm, bench, capture, options, sites, writer, shard_bytes, records, todo, plan, prefixes
         )
+        run.stats = open_stats(lm, capture, sites, writer.root if out is not None else None)
         return _finish(run, execution, progress, verify)
     finally:
         writer.close()
@@ -272,6 +278,7 @@ def _finish(run: RunState, execution: Execution, progress: bool, verify: int | N
     run.records = records
     verification = execution.verify(run, verify)
     extra = {
+        **write_stats(run.writer, run.stats, len(records)),
         **execution.extra(),
         **({"verification": verification} if verification is not None else {}),
     }

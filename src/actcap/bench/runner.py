@@ -37,6 +37,7 @@ from actcap.bench.verify import (
 from actcap.capture.collect import GenerationOptions
 from actcap.capture.sites import resolve_sites
 from actcap.capture.spec import CaptureSpec
+from actcap.capture.stats import StatsCollector
 from actcap.errors import BenchmarkError
 from actcap.models.chat import adds_special_tokens
 from actcap.models.context import context_length, max_prompt_chars
@@ -283,8 +284,12 @@ def answer_batch(
     capture: CaptureSpec | None,
     sites: Sequence[Any],
     options: EvalOptions,
+    stats: StatsCollector | None = None,
 ) -> list[tuple[Question, Answer, dict[str, Any]]]:
-    """Answer and grade one batch (any mix of modes: each mode runs as its own pass)."""
+    """Answer and grade one batch (any mix of modes: each mode runs as its own pass).
+
+    ``stats`` accumulates statistics over every token read, each sample named by question id.
+    """
     spec = capture if capture is not None else CaptureSpec(layers=[])
     out: list[tuple[Question, Answer, dict[str, Any]]] = []
     for mode in ("loglik", "generate"):
@@ -303,10 +308,13 @@ def answer_batch(
                 options.batch_size,
                 options.choice_format,
                 options.prefix_cache,
+                stats,
             )
         else:
             gen = GenerationOptions(max_new_tokens=options.max_new_tokens)
-            answers = answer_generate(lm, texts, spec, list(sites), gen, options.batch_size)
+            answers = answer_generate(lm, texts, spec, list(sites), gen, options.batch_size, stats)
+        if stats is not None:
+            stats.sample_names.extend(q.id for q in questions)
         for q, a in zip(questions, answers, strict=True):
             out.append((q, a, _grade_and_record(q, a, mode, bench, options)))
     return out

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from actcap.storage.stats_file import StatsContents
+
 DEFAULT_TOP_K = 16
 """How many of the largest activations each site keeps."""
 
@@ -285,13 +287,45 @@ class StatsCollector:
         self.stats: dict[str, SiteStats] = {}
         self.sample_names: list[str] = []
         self.n_samples = 0
+        """The next sample index."""
+        self.counted = 0
+        """Samples counted, earlier sessions' included."""
         self.plans: list[ChunkPlan] = []
         self._held: dict[str, list[Tensor]] = {}
+        self.earlier: dict[str, SiteStats] = {}
+        """Statistics of earlier sessions or other workers, merged in by :meth:`finished`."""
+
+    def absorb(self, contents: StatsContents) -> None:
+        """Merge in statistics gathered elsewhere (a Ray worker's batch, a file)."""
+        offset = len(self.sample_names)
+        for name, s in from_file(contents.sites, k=self.k).items():
+            s.top_sample = s.top_sample + offset
+            prior = self.earlier.get(name)
+            self.earlier[name] = prior.merge(s) if prior is not None else s
+        self.sample_names.extend(contents.samples)
+        # Samples fed later are numbered after every name known so far.
+        self.n_samples = max(self.n_samples, len(self.sample_names))
+        self.counted += contents.n_samples
+
+    def to_file(self) -> StatsContents:
+        """Per site its tensors, and the ids of the samples the largest activations refer to.
+
+        ``top_sample`` is renumbered to index that list.
+        """
+        finished = self.finished()
+        used = sorted({int(i) for s in finished.values() for i in s.top_sample.tolist()})
+        renumber = {old: new for new, old in enumerate(used)}
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, s in finished.items():
+            s.top_sample = torch.tensor([renumber[int(i)] for i in s.top_sample.tolist()])
+            out[name] = s.to_tensors()
+        return StatsContents(out, [self.name_of(i) for i in used], self.counted)
 
     def new_samples(self, n: int, device: str | torch.device = "cpu") -> Tensor:
         """Indices for the next ``n`` samples fed, on ``device``."""
         out = torch.arange(self.n_samples, self.n_samples + n, device=device)
         self.n_samples += n
+        self.counted += n
         return out
 
     def begin_batch(self, plans: Sequence[ChunkPlan]) -> None:
@@ -335,8 +369,26 @@ class StatsCollector:
 
     def finished(self) -> dict[str, SiteStats]:
         """Every site's statistics on the CPU, ready to store."""
-        return {name: s.finished() for name, s in sorted(self.stats.items())}
+        out = {name: s.finished() for name, s in self.stats.items()}
+        for name, s in self.earlier.items():
+            out[name] = s.finished().merge(out[name]) if name in out else s.finished()
+        return dict(sorted(out.items()))
 
     def name_of(self, index: int) -> str:
         """The name of sample ``index`` (its position when none was given)."""
         return self.sample_names[index] if index < len(self.sample_names) else str(index)
+
+
+def from_file(
+    sites: Mapping[str, Mapping[str, Tensor]], k: int = DEFAULT_TOP_K
+) -> dict[str, SiteStats]:
+    """Accumulators from a statistics file's tensors (see :meth:`StatsCollector.to_file`)."""
+    return {name: SiteStats.from_tensors(t, k=k) for name, t in sites.items()}
+
+
+def merge_files(parts: Sequence[StatsContents]) -> StatsContents:
+    """One statistics file's contents from several (Ray workers' or sessions'), merged exactly."""
+    collector = StatsCollector([])
+    for part in parts:
+        collector.absorb(part)
+    return collector.to_file()

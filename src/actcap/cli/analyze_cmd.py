@@ -92,6 +92,7 @@ def analyze(
         for label, rows in s.by_correct.items():
             click.echo(f"\n{label} samples:")
             print_stats(rows)
+        print_run_statistics(directory)
     else:
         assert compare is not None
         comparisons = compare_files(*compare)
@@ -112,6 +113,17 @@ def analyze(
             click.echo(
                 f"{r.site.ljust(width)}  {r.last_token:>10.4f} {r.mean_tokens:>8.4f} {per:>22}"
             )
+
+
+def print_run_statistics(directory: str) -> None:
+    """Print a run's statistics over every token (``eval --stats``), when it has them."""
+    from actcap.analysis.run_stats import run_statistics, statistics_lines
+
+    found = run_statistics(directory)
+    if found is not None:
+        click.echo("")
+        for line in statistics_lines(*found):
+            click.echo(line)
 
 
 TARGET_HELP = (

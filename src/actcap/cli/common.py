@@ -49,8 +49,18 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 
 def capture_spec(kw: dict[str, Any]) -> Any:
-    """The ``CaptureSpec`` of an eval command's options, or None with ``--no-capture``."""
+    """The ``CaptureSpec`` of an eval command's options, or None with ``--no-capture``.
+
+    Raises:
+        click.UsageError: ``--stats`` with ``--no-capture`` (statistics are of captured sites).
+    """
+    stats = kw.get("stats")
     if kw["no_capture"]:
+        if stats:
+            raise click.UsageError(
+                "--stats needs capture: its sites are captured sites. Leave out --no-capture "
+                "(add --token-selection last to store one vector per site) or --stats."
+            )
         return None
     from actcap.capture.spec import CaptureSpec
 
@@ -60,6 +70,7 @@ def capture_spec(kw: dict[str, Any]) -> Any:
         token_selection=kw["token_selection"],
         dtype=kw["dtype"],
         capture_generated=kw["capture_generated"],
+        stats=(stats.strip(),) if stats else (),
     )
 
 

@@ -101,6 +101,7 @@ class EvalArgs:
     token_selection: str
     dtype: str
     capture_generated: bool
+    stats: str | None
     no_capture: bool
     overflow: Literal["error", "truncate"]
     share_prefixes: bool
@@ -262,6 +263,16 @@ def parse_fields(values: tuple[str, ...]) -> dict[str, str]:
 @token_option
 @dtype_option
 @click.option("--capture-generated", is_flag=True, help="Also capture the generated tokens.")
+@click.option(
+    "--stats",
+    default=None,
+    metavar="all|SITES",
+    help="Also accumulate, over every token of every prompt (and generated token with "
+    "--capture-generated), whatever --token-selection keeps: per-dimension mean, variance and "
+    "max |x|, a histogram of token norms and the largest activations, into stats.safetensors "
+    "(shown by analyze --directory and report). 'all' = every captured site, or sites as for "
+    "--layers (they must be captured).",
+)
 @click.option("--no-capture", is_flag=True, help="Evaluate only: no activation files.")
 @click.option(
     "--share-prefixes/--no-share-prefixes",
