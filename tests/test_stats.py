@@ -256,3 +256,102 @@ def test_stats_of_an_uncaptured_site_is_one_line(tiny_model_dir, tmp_path):
         cli, [*args, "--no-capture", "--stats", "all", "--out", str(tmp_path / "s")]
     )
     assert r.exit_code != 0 and "--stats needs capture" in r.output
+
+
+def _expected_from_run(root) -> dict[str, dict[str, np.ndarray]]:
+    from actcap.storage import load_activations, open_run
+
+    acts = [load_activations(src)["activations"] for _, src in open_run(root).sample_paths()]
+    return {site: _numpy_stats([a[site] for a in acts]) for site in acts[0]}
+
+
+def _stats_of_run(root) -> tuple[dict[str, SiteStats], int]:
+    from actcap.storage.stats_file import read_stats
+
+    contents = read_stats(root)
+    assert contents is not None
+    return {s: SiteStats.from_tensors(t) for s, t in contents.sites.items()}, contents.n_samples
+
+
+def test_resumed_run_stats_count_every_sample_once_in_shards(tiny_lm, tmp_path) -> None:
+    from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+    from actcap.capture.spec import CaptureSpec
+    from tests.conftest import DATA
+
+    bench = load_benchmark(f"mmlu:{DATA / 'mmlu' / 'test' / 'high_school_geography_test.csv'}")
+    every = CaptureSpec(layers=[0, -1], token_selection="all")
+    last = CaptureSpec(layers=[0, -1], token_selection="last", stats=("all",))
+    run_benchmark(
+        tiny_lm,
+        bench,
+        capture=every,
+        options=EvalOptions(batch_size=3, few_shot=1, limit=6),
+        out=tmp_path / "all",
+        progress=False,
+        verify=0,
+    )
+    for limit, resume in ((4, False), (6, True)):
+        run_benchmark(
+            tiny_lm,
+            bench,
+            capture=last,
+            options=EvalOptions(batch_size=3, few_shot=1, limit=limit),
+            out=tmp_path / "last",
+            resume=resume,
+            progress=False,
+            storage="shards",
+            verify=0,
+        )
+    stats, n = _stats_of_run(tmp_path / "last")
+    assert n == 6
+    for site, expected in _expected_from_run(tmp_path / "all").items():
+        _assert_matches(stats[site], expected)
+
+
+def test_ray_workers_stats_and_float8_equal_one_process(tiny_model_dir, tmp_path) -> None:
+    import os
+
+    import ray
+
+    from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+    from actcap.bench.distributed import RayOptions, run_benchmark_ray
+    from actcap.capture.spec import CaptureSpec
+    from actcap.models import load_model
+    from actcap.storage import load_activations, open_run
+    from tests.conftest import DATA
+
+    bench = load_benchmark(f"mmlu:{DATA / 'mmlu' / 'test' / 'high_school_geography_test.csv'}")
+    options = EvalOptions(batch_size=2, few_shot=1, limit=6)
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    every = CaptureSpec(layers=[0, -1], token_selection="all")
+    run_benchmark(
+        lm, bench, capture=every, options=options, out=tmp_path / "one", progress=False, verify=0
+    )
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        run_benchmark_ray(
+            str(tiny_model_dir),
+            bench,
+            tmp_path / "ray",
+            capture=CaptureSpec(
+                layers=[0, -1], token_selection="all", dtype="float8", stats=("all",)
+            ),
+            options=options,
+            ray_options=RayOptions(workers=2, load_kwargs={"device": "cpu"}),
+            progress=False,
+        )
+    finally:
+        ray.shutdown()
+    stats, n = _stats_of_run(tmp_path / "ray")
+    assert n == 6
+    for site, expected in _expected_from_run(tmp_path / "one").items():
+        _assert_matches(stats[site], expected)
+    one = {
+        e.id: load_activations(s)["activations"]
+        for e, s in open_run(tmp_path / "one").sample_paths()
+    }
+    for e, src in open_run(tmp_path / "ray").sample_paths():
+        for site, got in load_activations(src)["activations"].items():
+            full = one[e.id][site]
+            torch.testing.assert_close(got, full, rtol=2**-4, atol=float(full.abs().max()) * 2**-9)

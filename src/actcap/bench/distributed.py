@@ -26,6 +26,7 @@ from typing import Any
 
 from actcap.bench.orchestrator import Executed, Progress, RunState, orchestrate
 from actcap.bench.questions import Benchmark
+from actcap.bench.run_stats import stats_sites
 from actcap.bench.runner import (
     DEFAULT_CAPTURE,
     EvalOptions,
@@ -37,6 +38,7 @@ from actcap.bench.runner import (
 )
 from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
+from actcap.capture.stats import StatsCollector
 from actcap.errors import RunError, require
 from actcap.models.builtin import DEFAULT_MODEL_NAME
 from actcap.models.loading import load_model, load_skeleton
@@ -44,6 +46,7 @@ from actcap.storage.durable import atomic_write_bytes
 from actcap.storage.layout import SHARD_BYTES, WORKERS, Storage, new_writer_id
 from actcap.storage.location import is_url, local_path
 from actcap.storage.manifest import DoneIndex, read_all_manifests
+from actcap.storage.stats_file import decode_stats, encode_stats
 from actcap.storage.writers import attach_writer
 
 
@@ -89,6 +92,7 @@ class EvalActor:
         self.capture = capture
         self.options = options
         self.sites = run_sites(self.lm, capture)
+        self.stats_sites = stats_sites(self.lm, capture, self.sites)
         self.prefixes = dict(prefixes or {})
         self.writer_id = new_writer_id()
         self.out = out
@@ -128,8 +132,9 @@ class EvalActor:
             if i not in done
         ]
         written = set()
+        stats = StatsCollector(self.stats_sites) if self.stats_sites else None
         for q, a, record in answer_batch(
-            self.lm, self.bench, todo, self.capture, self.sites, self.options
+            self.lm, self.bench, todo, self.capture, self.sites, self.options, stats
         ):
             self.writer.write(
                 finished_sample(
@@ -144,7 +149,15 @@ class EvalActor:
             )
             written.add(q.id)
         self.writer.flush()
-        return {"id": np.array(ids), "written": np.array([i in written for i in ids])}
+        # This batch's statistics ride on its first row; the driver merges them (exactly).
+        blobs = [b""] * len(ids)
+        if stats is not None and stats.counted and blobs:
+            blobs[0] = encode_stats(*stats.to_file())
+        return {
+            "id": np.array(ids),
+            "written": np.array([i in written for i in ids]),
+            "stats": np.array(blobs, dtype=object),
+        }
 
 
 def run_benchmark_ray(
@@ -322,6 +335,10 @@ def _run_on_ray(run: RunState, model: str, ray_options: RayOptions, progress: Pr
         try:
             for out in answered.iter_batches(batch_size=None, batch_format="numpy"):
                 written += int(out["written"].sum())
+                if run.stats is not None:
+                    for blob in out["stats"]:
+                        if blob:
+                            run.stats.absorb(decode_stats(bytes(blob), "a Ray worker's statistics"))
                 progress.advance(len(out["id"]))
         except Exception as e:  # Ray wraps the worker's error; keep it as the cause
             raise RunError(
