@@ -355,3 +355,13 @@ def test_ray_workers_stats_and_float8_equal_one_process(tiny_model_dir, tmp_path
         for site, got in load_activations(src)["activations"].items():
             full = one[e.id][site]
             torch.testing.assert_close(got, full, rtol=2**-4, atol=float(full.abs().max()) * 2**-9)
+
+
+def test_stats_with_an_lm_eval_task_is_refused(tiny_model_dir) -> None:
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+
+    args = ["eval", "--model", str(tiny_model_dir), "--task", "arc_easy", "--stats", "all"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "--stats cannot go with --task" in r.output

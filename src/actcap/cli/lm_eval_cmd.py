@@ -34,8 +34,10 @@ NOT_WITH_TASK = (
     "fields",
     "use_ray",
     "verify",
+    "stats",
 )
-"""Options of ``eval`` for actcap's own sources, which lm-eval's tasks replace."""
+"""Options of ``eval`` for actcap's own sources, which lm-eval's tasks replace (``--stats``: the
+lm-eval bridge does not accumulate statistics)."""
 SUBSTITUTES = {
     "benchmark": "--task",
     "few_shot": "--num-fewshot",
