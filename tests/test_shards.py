@@ -77,11 +77,17 @@ def test_sharded_run_holds_the_same_samples_as_files(files_run, shards_run):
 
 
 def test_manifest_is_an_index_readable_without_actcap(shards_run):
+    assert any("prefix" in e.record for e in open_run(shards_run).entries)
     for entry in open_run(shards_run).entries:
         rec = entry.record
         with open(shards_run / rec["file"], "rb") as f:
             f.seek(rec["offset"])
             tensors = load_safetensors_bytes(f.read(rec["length"]))
+        if "prefix" in rec:  # the first rows are in the run's shared prefix (docs/format.md)
+            shared = load_safetensors_bytes(
+                (shards_run / "prefixes" / f"{rec['prefix']}.safetensors").read_bytes()
+            )
+            tensors["layer_1"] = torch.cat([shared["layer_1"], tensors["layer_1"]])
         direct = load_activations(shards_run, sample_id=entry.id)
         assert torch.equal(tensors["layer_1"], direct["activations"]["layer_1"])
         assert torch.equal(tensors["input_ids"], direct["input_ids"])

@@ -8,6 +8,8 @@ same way.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ class ActivationFile:
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{self.path}: cannot open as safetensors ({e}).") from e
         self.meta = SampleMeta.from_header(self.raw_metadata)
+        self.identity: tuple[object, ...] = (self.label,)
+        """What tells this file from another and from its own older versions (for caching)."""
         self._prefix: ActivationFile | None = None
         if "prefix" in self.raw_metadata and not (
             is_prefix_key(self.meta.prefix) and self.meta.prefix_tokens > 0
@@ -101,6 +105,8 @@ class ActivationFile:
             else:  # never follow a link out of the sample's run
                 run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
                 prefix = ActivationFile(where)
+                st = os.stat(where)
+                prefix.identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if prefix.meta.prefix:
                 raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
             for site in self.sites:
@@ -212,7 +218,11 @@ class ActivationFile:
         t = self._get_own(name, dtype)
         if not self._prefixed(name):
             return t
-        return torch.cat([self._prefix_file().get(name, dtype), t])
+        shared = _PREFIX_ROWS.get(self._prefix_file(), name, dtype)
+        out = torch.empty((shared.shape[0] + t.shape[0], *t.shape[1:]), dtype=t.dtype)
+        out[: shared.shape[0]] = shared
+        out[shared.shape[0] :] = t
+        return out
 
     def _get_own(self, name: str, dtype: torch.dtype | None) -> Tensor:
         """The rows of a tensor this file holds, dequantized when float8."""
@@ -273,3 +283,40 @@ class ActivationFile:
         """Yield ``(site, tensor)`` one at a time (bounded memory), in ``dtype`` if given."""
         for name in sites if sites is not None else self.sites:
             yield name, self.get(name, dtype)
+
+
+class _PrefixRows:
+    """Shared prefix rows read once and kept, up to ``limit`` bytes (least recently used out).
+
+    Every sample of a subject leans on the same prefix: reading its rows from the file for each
+    sample would cost as much as storing them whole. Entries are keyed by the prefix file's
+    identity (device, inode, size, mtime), so a rewritten prefix is read anew.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._rows: OrderedDict[tuple[object, ...], Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, prefix: ActivationFile, name: str, dtype: torch.dtype | None) -> Tensor:
+        """The prefix's rows of one site, in ``dtype`` if given (read-only: do not modify)."""
+        key = (*prefix.identity, name, dtype)
+        with self._lock:
+            rows = self._rows.get(key)
+            if rows is not None:
+                self._rows.move_to_end(key)
+                return rows
+        rows = prefix.get(name, dtype).contiguous().clone()
+        size = rows.numel() * rows.element_size()
+        with self._lock:
+            if key not in self._rows and size <= self.limit:
+                self._rows[key] = rows
+                self._bytes += size
+                while self._bytes > self.limit:
+                    _, old = self._rows.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return rows
+
+
+_PREFIX_ROWS = _PrefixRows(512 << 20)
