@@ -2,9 +2,10 @@
 
     python -m benchmarks.bench_dataset --run /tmp/ds_run --sites layer_12 [--rounds 5]
 
-The raw read opens each sample with safetensors and reads the same tensors the dataset delivers
-(``safe_open(...).get_tensor(site)`` for a file per sample; ``safetensors.torch.load`` of the
-sample's bytes for a shard). The dataset is timed as a training loop reads it: rows of tokens
+The raw read opens each sample with safetensors and reads the same tensors the dataset delivers:
+``safe_open(path, framework="numpy").get_tensor(site)`` for a file per sample (an array of its
+own: one copy out of the file; ``framework="pt"`` would hand out a copy-on-write map of the file,
+which reads nothing until used), ``safetensors.torch.load`` of the sample's bytes for a shard. The dataset is timed as a training loop reads it: rows of tokens
 through a ``DataLoader`` (``batch_size`` rows collated per batch), ready batches
 (``ActivationDataset(batch_size=...)`` with ``DataLoader(batch_size=None)``), and one row per
 sample. Each round times every reader once, in turn (interleaved), after a warm-up pass that
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
@@ -40,8 +42,8 @@ def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
                     tensors = safetensors.torch.load(f.read(path.length))
                 got = [tensors[s] for s in ds.sites]
             else:
-                with safe_open(str(Path(path)), framework="pt") as f:
-                    got = [f.get_tensor(s) for s in ds.sites]
+                with safe_open(str(Path(path)), framework="numpy") as f:
+                    got = [torch.from_numpy(f.get_tensor(s)) for s in ds.sites]
             rows += got[0].shape[0] if got[0].dim() > 1 else 1
             nbytes += sum(t.numel() * t.element_size() for t in got)
         return rows, nbytes

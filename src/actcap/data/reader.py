@@ -2,9 +2,11 @@
 
 Every whole-run pass (analysis, the training dataset) reads through :func:`read_arrays`: a sample
 in a local shard is read with ``pread`` from a shard kept open for the pass, with the same checks as
-:class:`~actcap.storage.ActivationFile`; a local file through safetensors' own reader (which
-checks the header) and actcap's metadata check; any other sample (a shard at a URL, a dtype numpy
-has not, a file safetensors refuses) through :class:`~actcap.storage.ActivationFile`.
+:class:`~actcap.storage.ActivationFile`; a local file is memory-mapped after one read of its
+header (actcap's metadata checked, each tensor read inside the file), so that the caller's copy is
+the only one; any other sample (a shard at a URL, a dtype numpy has not, a shared prefix, a file
+whose header this path cannot use) through :class:`~actcap.storage.ActivationFile`, which also
+says why a bad file is bad.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from actcap.errors import FormatError
 from actcap.storage import ActivationFile
@@ -126,53 +127,57 @@ def _sites_of(keys: tuple[str, ...]) -> tuple[str, ...]:
 def _safetensors_arrays(
     path: Path, names_wanted: Sequence[str] | None
 ) -> tuple[list[str], dict[str, np.ndarray]] | None:
-    """A safetensors file's sites and arrays through safetensors itself, which checks the header.
+    """A local safetensors file's sites, and read-only arrays over a memory map of it.
 
-    None when this path does not apply (no safetensors file, a tensor of a dtype numpy has
-    not, bfloat16 or float8 storage): the caller reads through :class:`ActivationFile`, which
-    also says why a bad file is bad.
+    The header is read once and checked as far as reading needs: actcap's metadata (as
+    :class:`ActivationFile` checks it), and each tensor read lies inside the file with the size
+    its dtype and shape say. No copy is made: the caller's one copy (into a batch, or into the
+    dtype asked for) is the only one.
+
+    None when this path does not apply (not a safetensors file, a header it cannot use, a dtype
+    numpy has not, bfloat16 or float8 storage, a shared prefix): the caller reads through
+    :class:`ActivationFile`, which also says why a bad file is bad.
     """
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if meta.get("dtype") not in (None, "float32", "float16") or "prefix" in meta:
-                return None  # bfloat16 and float8 go through torch (and float8's scales), and
-                # a sample with a shared prefix through ActivationFile, which joins the rows
-            check_metadata(str(path), {"__metadata__": meta})
-            keys = f.keys()
-            names = _sites_of(tuple(keys))
-            wanted = names if names_wanted is None else [n for n in names_wanted if n in keys]
-        arrays = _mapped(path, wanted)  # its header checked by safetensors above
-        return None if arrays is None else (list(names), arrays)
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError):
+        with open(path, "rb") as fh:
+            length = os.fstat(fh.fileno()).st_size
+            first = fh.read(8)
+            if len(first) < 8:
+                return None
+            size = struct.unpack("<Q", first)[0]
+            if size > min(length - 8, 100 << 20):
+                return None
+            header = json.loads(fh.read(size))
+            if not isinstance(header, dict):
+                return None
+            meta = header.get("__metadata__") or {}
+            if not isinstance(meta, dict) or "prefix" in meta:
+                return None  # a shared prefix: ActivationFile joins its rows
+            if meta.get("dtype") not in (None, "float32", "float16"):
+                return None  # bfloat16 and float8 go through torch (and float8's scales)
+            check_metadata(str(path), header)
+            names = _sites_of(tuple(k for k in header if k != "__metadata__"))
+            wanted = names if names_wanted is None else [n for n in names_wanted if n in header]
+            start = 8 + size
+            spans = {}
+            for n in wanted:
+                info = header[n]
+                dtype = np.dtype(_NUMPY_DTYPES[info["dtype"]])
+                begin, end = info["data_offsets"]
+                count = int(np.prod(info["shape"], dtype=np.int64))
+                if not 0 <= begin <= end <= length - start or end - begin != count * dtype.itemsize:
+                    return None
+                spans[n] = (dtype, count, start + begin, info["shape"])
+            mm: Any = b""  # an empty file cannot be mapped, nor need be
+            if any(count for _, count, _, _ in spans.values()):
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
         return None
-
-
-def _mapped(path: Path, names: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """Read-only arrays over a memory map of a safetensors file whose header safetensors checked.
-
-    No copy here: the caller's one copy (into a batch, or into the dtype asked for) is the only
-    one, where reading the tensors would make one more. None when a tensor's dtype is not one
-    numpy reads, or the file changed since its check (the caller falls back).
-    """
-    with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(size))
-        length = os.fstat(fh.fileno()).st_size
-        spans = {n: header[n]["data_offsets"] for n in names}
-        if any(header[n]["dtype"] not in _NUMPY_DTYPES for n in names) or any(
-            8 + size + end > length for _, end in spans.values()
-        ):
-            return None
-        mm: Any = b""  # an empty file cannot be mapped, nor need be
-        if any(end > begin for begin, end in spans.values()):
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    arrays = {}
-    for n, (begin, end) in spans.items():
-        dtype = np.dtype(_NUMPY_DTYPES[header[n]["dtype"]])
-        count = (end - begin) // dtype.itemsize
-        arrays[n] = np.frombuffer(mm, dtype, count, 8 + size + begin).reshape(header[n]["shape"])
-    return arrays
+    arrays = {
+        n: np.frombuffer(mm, dtype, count, offset).reshape(shape)
+        for n, (dtype, count, offset, shape) in spans.items()
+    }
+    return list(names), arrays
 
 
 def _file_arrays(
