@@ -9,7 +9,7 @@ from actcap.bench import EvalOptions, Question, load_benchmark, run_benchmark
 from actcap.bench.questions import Benchmark
 from actcap.capture import CaptureSpec
 from actcap.errors import FormatError
-from actcap.storage import load_activations, open_run
+from actcap.storage import ActivationFile, load_activations, open_run, save_activations
 from actcap.storage.format import SampleMeta
 from actcap.storage.prefixes import (
     MIN_PREFIX_TOKENS,
@@ -138,6 +138,14 @@ def test_a_lone_file_says_where_its_prefix_is(tiny_lm, tmp_path):
     lone.write_bytes(sample.read_bytes())
     with pytest.raises(FormatError, match="prefix"):
         load_activations(lone)
+    # Saved as a file of its own, a sample holds every row and leans on nothing.
+    with ActivationFile(sample) as f:
+        whole = dict(f.iter_sites())
+        save_activations(tmp_path / "own.safetensors", whole, f.meta, input_ids=f.get("input_ids"))
+    own = load_activations(tmp_path / "own.safetensors")
+    assert "prefix" not in own["metadata"]
+    for site, t in whole.items():
+        assert torch.equal(own["activations"][site], t)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

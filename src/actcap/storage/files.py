@@ -10,6 +10,7 @@ verb on a file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ def save_activations(
         PosixPath('a.safetensors')
     """
     target = Path(path)
+    if meta.prefix:  # a file of its own holds every row: it leans on no run's shared prefix
+        meta = dataclasses.replace(meta, prefix="", prefix_tokens=0)
     tensors = sample_tensors(str(target), activations, input_ids, output_ids, meta.dtype)
 
     def write(tmp: str) -> None:
