@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from actcap import api
+from actcap.analysis import DirectorySummary
 from actcap.bench import orchestrator
 from actcap.bench.runner import EvalOptions, EvalResult
 from actcap.capture.spec import CaptureSpec
@@ -122,7 +123,7 @@ def test_evaluate_in_memory_writes_nothing(tiny_lm, tmp_path, monkeypatch):
 def test_analyse_and_export_through_the_facade(local_run, tmp_path):
     out, _ = local_run
     summary = api.analyse(out)
-    assert isinstance(summary, api.DirectorySummary) and summary.n_files == 3
+    assert isinstance(summary, DirectorySummary) and summary.n_files == 3
     files = sorted((out / "samples").glob("*.safetensors"))
     stats = api.analyse(files[0], sites=["layer_1"])
     assert isinstance(stats, list) and [s.site for s in stats] == ["layer_1"]

@@ -21,12 +21,10 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
-from actcap.analysis.compare import SiteComparison, compare_files
-from actcap.analysis.stats import DirectorySummary, SiteStats, directory_summary, file_stats
 from actcap.bench.distributed import RayOptions
 from actcap.bench.questions import Benchmark
 from actcap.bench.runner import DEFAULT_CAPTURE, EvalOptions, EvalResult, run_benchmark
@@ -34,7 +32,6 @@ from actcap.bench.sources import load_benchmark
 from actcap.capture.collect import GenerationOptions, run_prompts
 from actcap.capture.sites import LayerRequest, SiteKind
 from actcap.capture.spec import CaptureSpec, TokenSelection
-from actcap.data.export import ExportFormat, ExportResult, Reduce, Rows, export_site
 from actcap.errors import RunError, WriteError
 from actcap.models.chat import format_prompt
 from actcap.models.context import check_prompt_chars, check_prompt_length, context_length
@@ -44,6 +41,11 @@ from actcap.storage.format import SampleMeta, utc_now
 from actcap.storage.layout import SHARD_BYTES, Storage
 from actcap.storage.location import PathOrUrl
 from actcap.storage.records import activation_dict
+
+if TYPE_CHECKING:  # analysis and export are imported when used: evaluating needs neither
+    from actcap.analysis.compare import SiteComparison
+    from actcap.analysis.stats import DirectorySummary, SiteStats
+    from actcap.data.export import ExportFormat, ExportResult, Reduce, Rows
 
 __all__ = [
     "Captured",
@@ -379,6 +381,8 @@ def analyse_file(
     Raises:
         FormatError: When the file is unreadable or a site holds no values.
     """
+    from actcap.analysis.stats import file_stats
+
     return file_stats(path, list(sites) if sites is not None else None, tokens)
 
 
@@ -389,6 +393,8 @@ def analyse_run(
 
     Unreadable files are skipped and counted (``summary.skipped``).
     """
+    from actcap.analysis.stats import directory_summary
+
     return directory_summary(directory, list(sites) if sites is not None else None)
 
 
@@ -398,6 +404,8 @@ def compare(a: PathOrUrl, b: PathOrUrl) -> list[SiteComparison]:
     Raises:
         FormatError: When a file is unreadable.
     """
+    from actcap.analysis.compare import compare_files
+
     return compare_files(a, b)
 
 
@@ -457,6 +465,8 @@ def export(
         WriteError: ``out`` is not empty, or cannot be written.
         FormatError: The run holds no such site.
     """
+    from actcap.data.export import export_site
+
     return export_site(
         run, site, out, to=to, rows=rows, reduce=reduce, dtype=dtype, rows_per_file=rows_per_file
     )
