@@ -176,9 +176,11 @@ def fail_after(n_ok):
 @pytest.mark.parametrize("background", [True, False])
 def test_disk_full_mid_run_then_resume(tiny_lm, tmp_path, monkeypatch, background):
     bench = load_benchmark("demo").limited(8)
-    opts = EvalOptions(batch_size=2, max_new_tokens=3, background_write=background)
+    opts = EvalOptions(
+        batch_size=2, max_new_tokens=3, background_write=background, share_prefixes=False
+    )
     out = tmp_path / "run"
-    # run.json, then three samples
+    # run.json, then three samples (the shared-prefix file has a test of its own, below)
     monkeypatch.setattr("actcap.storage.safety.write_all", fail_after(4))
     with pytest.raises(RunError, match=r"No space left on device.*--resume"):
         run_benchmark(tiny_lm, bench, capture=CaptureSpec(), options=opts, out=out, progress=False)
@@ -191,6 +193,25 @@ def test_disk_full_mid_run_then_resume(tiny_lm, tmp_path, monkeypatch, backgroun
     )
     assert result.n == 8 and result.answered == 5
     assert len(read_manifest(out / "manifest.jsonl")) == 8
+
+
+def test_disk_full_while_writing_a_shared_prefix_then_resume(tiny_lm, tmp_path, monkeypatch):
+    mmlu = Path(__file__).parent.parent / "data" / "mmlu" / "test" / "world_religions_test.csv"
+    bench = load_benchmark(f"mmlu:{mmlu}").limited(4)
+    opts = EvalOptions(few_shot=3, batch_size=4)
+    out = tmp_path / "run"
+    monkeypatch.setattr("actcap.storage.safety.write_all", fail_after(1))  # run.json only
+    with pytest.raises(RunError, match=r"No space left on device.*--resume"):
+        run_benchmark(tiny_lm, bench, capture=CaptureSpec(), options=opts, out=out, progress=False)
+    assert open_run(out).entries == []  # no sample listed without its prefix
+    assert not list((out / "prefixes").iterdir())  # and no partial prefix left
+    monkeypatch.undo()
+    result = run_benchmark(
+        tiny_lm, bench, capture=CaptureSpec(), options=opts, out=out, resume=True, progress=False
+    )
+    assert result.n == 4 and len(list((out / "prefixes").iterdir())) == 1
+    for _, source in open_run(out).sample_paths():
+        assert load_activations(source)["activations"]["layer_0"].shape[0] > 16
 
 
 def test_real_full_filesystem(tiny_lm, tmp_path):
