@@ -251,3 +251,25 @@ def test_a_run_at_a_url_stores_its_prefix_once_and_reads_whole(tiny_lm, tmp_path
         fs = fsspec.filesystem("memory")
         if fs.exists(url.removeprefix("memory://")):
             fs.rm(url.removeprefix("memory://"), recursive=True)
+
+
+def test_the_fast_whole_run_reader_joins_the_prefix_rows(tiny_lm, tmp_path, monkeypatch):
+    from actcap.data import reader
+
+    _run(tiny_lm, tmp_path / "shared")
+    _run(tiny_lm, tmp_path / "whole", share=False)
+    whole = _loaded(tmp_path / "whole")
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("a local prefixed file took the slow path")
+
+    monkeypatch.setattr(reader, "_file_arrays", no_fallback)
+    files = reader.ShardFiles()
+    for entry, source in open_run(tmp_path / "shared").sample_paths():
+        names, arrays = reader.read_arrays(source, None, files)
+        assert names == list(whole[entry.id]["activations"])
+        for site, t in whole[entry.id]["activations"].items():
+            torch.testing.assert_close(
+                torch.from_numpy(arrays[site].copy()), t, atol=1e-4, rtol=1e-4
+            )
+    files.close()

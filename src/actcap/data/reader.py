@@ -28,6 +28,8 @@ from actcap.storage.format import ID_TENSORS, ShardSlice
 from actcap.storage.header import check_metadata, parse_header
 from actcap.storage.location import is_url
 from actcap.storage.names import site_sort_key
+from actcap.storage.prefixes import is_prefix_key
+from actcap.storage.reader import shared_rows
 
 _NUMPY_DTYPES: dict[str, Any] = {
     "F32": np.float32,
@@ -151,8 +153,8 @@ def _safetensors_arrays(
             if not isinstance(header, dict):
                 return None
             meta = header.get("__metadata__") or {}
-            if not isinstance(meta, dict) or "prefix" in meta:
-                return None  # a shared prefix: ActivationFile joins its rows
+            if not isinstance(meta, dict):
+                return None
             if meta.get("dtype") not in (None, "float32", "float16"):
                 return None  # bfloat16 and float8 go through torch (and float8's scales)
             check_metadata(str(path), header)
@@ -177,7 +179,40 @@ def _safetensors_arrays(
         n: np.frombuffer(mm, dtype, count, offset).reshape(shape)
         for n, (dtype, count, offset, shape) in spans.items()
     }
+    if "prefix" in meta:
+        joined = _join_prefix(path, meta, arrays)
+        if joined is None:
+            return None
+        arrays = joined
     return list(names), arrays
+
+
+def _join_prefix(
+    path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """A sample's arrays with the rows its run's shared prefix holds put back in front.
+
+    The prefix rows are read once per prefix and kept (:func:`actcap.storage.reader.shared_rows`).
+    None when anything does not fit: the caller reads through :class:`ActivationFile`, which
+    says what is wrong.
+    """
+    key, count = meta.get("prefix"), meta.get("prefix_tokens")
+    if not is_prefix_key(key) or not isinstance(count, str) or not count.isdecimal():
+        return None
+    try:
+        shared = shared_rows(path, str(key), int(count), [n for n in arrays if n not in ID_TENSORS])
+    except FormatError:
+        return None
+    out = {}
+    for name, own in arrays.items():
+        if name in ID_TENSORS:
+            out[name] = own
+            continue
+        rows = shared[name].numpy()
+        if rows.dtype != own.dtype or rows.shape[1:] != own.shape[1:]:
+            return None
+        out[name] = np.concatenate([rows, own])
+    return out
 
 
 def _file_arrays(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,8 @@ class ActivationFile:
         t = self._get_own(name, dtype)
         if not self._prefixed(name):
             return t
-        shared = _PREFIX_ROWS.get(self._prefix_file(), name, dtype)
+        prefix = self._prefix_file()
+        shared = _PREFIX_ROWS.get(prefix.identity, name, dtype, lambda: prefix.get(name, dtype))
         out = torch.empty((shared.shape[0] + t.shape[0], *t.shape[1:]), dtype=t.dtype)
         out[: shared.shape[0]] = shared
         out[shared.shape[0] :] = t
@@ -299,15 +300,24 @@ class _PrefixRows:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, prefix: ActivationFile, name: str, dtype: torch.dtype | None) -> Tensor:
-        """The prefix's rows of one site, in ``dtype`` if given (read-only: do not modify)."""
-        key = (*prefix.identity, name, dtype)
+    def get(
+        self,
+        identity: tuple[object, ...],
+        name: str,
+        dtype: torch.dtype | None,
+        read: Callable[[], Tensor],
+    ) -> Tensor:
+        """A prefix's rows of one site, in ``dtype`` if given, ``read()`` when not kept yet.
+
+        Read-only: do not modify what this returns.
+        """
+        key = (*identity, name, dtype)
         with self._lock:
             rows = self._rows.get(key)
             if rows is not None:
                 self._rows.move_to_end(key)
                 return rows
-        rows = prefix.get(name, dtype).contiguous().clone()
+        rows = read().contiguous().clone()
         size = rows.numel() * rows.element_size()
         with self._lock:
             if key not in self._rows and size <= self.limit:
@@ -320,3 +330,34 @@ class _PrefixRows:
 
 
 _PREFIX_ROWS = _PrefixRows(512 << 20)
+
+
+def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[str, Tensor]:
+    """The rows of ``sites`` that a local sample file leaves to its run's shared prefix ``key``.
+
+    Read once and kept (as :class:`ActivationFile` keeps them); read-only: do not modify.
+
+    Raises:
+        FormatError: When the prefix is missing, outside the run, or not ``n`` rows of a site.
+    """
+    where = prefix_location(sample, key)
+    try:
+        run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
+        st = os.stat(where)
+    except (UnsafePathError, OSError) as e:
+        raise FormatError(f"{sample}: its shared prefix cannot be used ({e}).") from None
+    identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    out = {}
+    for site in sites:
+
+        def read(site: str = site) -> Tensor:
+            with ActivationFile(where) as prefix:
+                if prefix.meta.prefix:
+                    raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
+                return prefix.get(site)
+
+        rows = _PREFIX_ROWS.get(identity, site, None, read)
+        if rows.dim() < 1 or rows.shape[0] != n:
+            raise FormatError(f"{where}: site {site!r} has {list(rows.shape)} rows, not {n}.")
+        out[site] = rows
+    return out
