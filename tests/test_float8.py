@@ -10,6 +10,7 @@ import torch
 
 from actcap.bench import EvalOptions, load_benchmark, run_benchmark
 from actcap.capture.spec import CaptureSpec
+from actcap.errors import FormatError
 from actcap.storage import ActivationFile, SampleMeta, load_activations, open_run, save_activations
 from actcap.storage.float8 import dequantize, quantize
 from tests.conftest import DATA
@@ -98,3 +99,89 @@ def test_float8_run_reads_back_close_to_float32(tiny_lm, tmp_path, storage: str)
             got = runs["float8"][qid][site]
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, full, rtol=2**-4, atol=full.abs().max() * 2**-10)
+
+
+def resave(path, change) -> None:
+    """Rewrite a sample file with ``change(tensors)`` applied, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def float8_run(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("f8") / "run"
+    run_benchmark(
+        tiny_lm,
+        load_benchmark(f"mmlu:{MMLU_FILE}").limited(4),
+        capture=CaptureSpec(layers=[0, 1], token_selection="all", dtype="float8"),
+        options=EvalOptions(batch_size=4),
+        out=out,
+        progress=False,
+    )
+    return out
+
+
+def test_dequantize_refuses_a_scale_that_does_not_fit() -> None:
+    q, scale = quantize(torch.randn(5, 8))
+    for bad in (torch.ones(3, 1), torch.ones(5), torch.ones(5, 8), torch.ones(1, 1)):
+        with pytest.raises(FormatError, match=r"x\.safetensors: site 'l'.*scale.*shape"):
+            dequantize(q, bad, where="x.safetensors: site 'l'")
+    for value in (0.0, -1.0, math.nan, math.inf):
+        bad = scale.clone()
+        bad[2] = value
+        with pytest.raises(FormatError, match="finite and positive"):
+            dequantize(q, bad)
+    assert dequantize(q[:0], scale[:0]).shape == (0, 8)  # no rows: nothing to scale
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t: t.__setitem__("layer_1@scale", torch.ones(3, 1)), r"scale.*shape \[3, 1\]"),
+        (lambda t: t.pop("layer_1@scale"), r"stored as float8 .*no scale"),
+        (lambda t: t["layer_1@scale"].__setitem__(0, -2.0), "finite and positive"),
+    ],
+    ids=["wrong-shape", "missing", "negative"],
+)
+def test_a_damaged_scale_is_a_format_error_naming_file_and_site(
+    float8_run, tmp_path, damage, message
+) -> None:
+    import shutil
+    import warnings
+
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+    from actcap.data import ActivationDataset
+
+    run = tmp_path / "run"
+    shutil.copytree(float8_run, run)
+    entries = list(open_run(run).sample_paths())
+    bad = entries[1][1]
+    resave(bad, damage)
+    with ActivationFile(bad) as f, pytest.raises(FormatError, match=message) as e:
+        f.get("layer_1")
+    assert str(bad) in str(e.value) and "'layer_1'" in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(cli, ["analyze", "--directory", str(run)])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert "3 files read, 1 skipped" in r.output and "Traceback" not in r.output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ActivationDataset(run, sites=["layer_1"], rows="samples", labels=["id"])
+        ids = [row["id"] for row in ds]
+    assert ids == [e.id for e, _ in entries if e.id != entries[1][0].id]
+    assert [sid for sid, _ in ds.skipped] == [entries[1][0].id]
+    assert any("skipped" in str(w.message) for w in caught)
+
+
+def test_a_float8_tensor_without_scale_in_a_file_of_another_dtype(tmp_path) -> None:
+    q, _ = quantize(torch.randn(4, 8) * 100)
+    path = save_activations(tmp_path / "a.safetensors", {"layer_0": q}, SampleMeta("hi"))
+    with ActivationFile(path) as f, pytest.raises(FormatError, match="'layer_0'.*no scale"):
+        f.get("layer_0")

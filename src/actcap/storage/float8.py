@@ -15,6 +15,11 @@ built-in model is in ``docs/performance.md``. A stored file is half the size of 
 
 Non-finite values: e4m3fn has no infinity. The scale is taken over the row's finite values, and
 inf or nan is stored as nan (so it stays visibly non-finite when read back).
+
+Damage: a scale whose shape is not the values' with a last dimension of 1, or that is not finite
+and positive, and a float8 site without its scale (an ``F8_E4M3`` tensor, or any float tensor of
+a file whose ``dtype`` is ``float8``) are :class:`~actcap.errors.FormatError`, never values read
+unscaled.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from actcap.errors import FormatError
+
 FLOAT8 = "float8"
 """The storage dtype name (``--dtype float8``, ``dtype`` in a file's metadata)."""
 FLOAT8_DTYPE = torch.float8_e4m3fn
 FLOAT8_MAX = 448.0
 """The largest e4m3fn value."""
 SCALE_SUFFIX = "@scale"
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+"""Safetensors dtypes of floating-point tensors."""
 
 
 def scale_name(site: str) -> str:
@@ -52,9 +61,47 @@ def quantize(t: Tensor) -> tuple[Tensor, Tensor]:
     return scaled.to(FLOAT8_DTYPE), scale.contiguous()
 
 
-def dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The tensor ``quantize`` was given, to float8 precision, in ``dtype``."""
-    return (values.float() * scale.float()).to(dtype)
+def needs_scale(stored_dtype: str, file_dtype: str) -> bool:
+    """Whether a tensor stored as ``stored_dtype`` in a file of ``file_dtype`` must have a scale.
+
+    True for an ``F8_E4M3`` tensor, and for any float tensor of a ``float8`` file: read without
+    its scale, it would give values up to 448 times off.
+    """
+    return stored_dtype == "F8_E4M3" or (file_dtype == FLOAT8 and stored_dtype in _FLOAT_DTYPES)
+
+
+def check_scale(values: Tensor, scale: Tensor, where: str = "float8 tensor") -> None:
+    """Check that ``scale`` is one finite, positive number per row of ``values``.
+
+    Raises:
+        FormatError: Naming ``where`` (the file and site) when it is not.
+    """
+    want = (*values.shape[:-1], 1)
+    if values.dim() < 1 or tuple(scale.shape) != want:
+        raise FormatError(
+            f"{where}: its float8 scale has shape {list(scale.shape)}, not {list(want)} (one per "
+            "row); the file is damaged: capture this sample again."
+        )
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        raise FormatError(
+            f"{where}: its float8 scale must be finite and positive, but {int(bad.sum())} of "
+            f"{scale.numel()} are not; the file is damaged: capture this sample again."
+        )
+
+
+def dequantize(
+    values: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32, *, where: str = ""
+) -> Tensor:
+    """The tensor ``quantize`` was given, to float8 precision, in ``dtype``.
+
+    Raises:
+        FormatError: When ``scale`` is not one finite, positive number per row (``where``, the
+            file and site, names it in the message).
+    """
+    scale = scale.float()
+    check_scale(values, scale, where or "float8 tensor")
+    return (values.float() * scale).to(dtype)
 
 
 def quantize_sites(tensors: Mapping[str, Tensor], sites: set[str]) -> dict[str, Tensor]:
@@ -74,11 +121,19 @@ def dequantize_all(
     """``tensors`` with every float8 site and its scale put back together as one tensor.
 
     ``dtype``: of those sites (float32 when None); other tensors are left as they are.
+
+    Raises:
+        FormatError: When a float8 tensor has no scale, or a scale that does not fit.
     """
     out: dict[str, Tensor] = {}
     for name, t in tensors.items():
         if is_scale_name(name):
             continue
         scale = tensors.get(scale_name(name))
-        out[name] = dequantize(t, scale, dtype or torch.float32) if scale is not None else t
+        if scale is None and t.dtype == FLOAT8_DTYPE:
+            raise FormatError(f"{name!r}: stored as float8 but has no scale {scale_name(name)!r}.")
+        where = f"site {name!r}"
+        out[name] = (
+            dequantize(t, scale, dtype or torch.float32, where=where) if scale is not None else t
+        )
     return out
