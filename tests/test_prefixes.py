@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -273,3 +275,99 @@ def test_the_fast_whole_run_reader_joins_the_prefix_rows(tiny_lm, tmp_path, monk
                 torch.from_numpy(arrays[site].copy()), t, atol=1e-4, rtol=1e-4
             )
     files.close()
+
+
+# --- a prefix that is not what its name says, or not where it should be ------------------------
+
+
+def _rewrite_prefix(path, **change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        meta = f.metadata()
+    for k, v in change.items():
+        if callable(v):
+            tensors[k] = v(tensors[k])
+        else:
+            meta[k] = v
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"layer_0": lambda t: t[:-3]},  # cut to fewer rows
+        {"input_ids": lambda t: torch.zeros_like(t)},  # other tokens
+        {"model": "other-model"},
+        {"prefix": "b" * 64, "prefix_tokens": "5"},  # a prefix leaning on a prefix
+    ],
+    ids=["rows", "tokens", "model", "nested"],
+)
+def test_a_prefix_that_is_not_the_one_its_key_names_is_refused_and_redone(
+    tiny_lm, tmp_path, change
+):
+    out = tmp_path / "r"
+    _run(tiny_lm, out, n=4)
+    (prefix,) = (out / PREFIXES).iterdir()
+    _rewrite_prefix(prefix, **change)
+    _, source = next(iter(open_run(out).sample_paths()))
+    with pytest.raises(FormatError, match="shared prefix"):
+        load_activations(source)
+    with pytest.warns(UserWarning, match="shared prefix"):
+        _run(tiny_lm, out, n=4, resume=True)
+    assert len(_loaded(out)) == 4
+
+
+def test_a_sample_outside_samples_or_shards_never_reads_a_prefix_beyond_its_run(tiny_lm, tmp_path):
+    import json
+    import shutil
+
+    out = tmp_path / "par" / "run"
+    _run(tiny_lm, out, n=4)
+    # the parent folder gets a prefixes/ of its own, and a manifest line points at the run root
+    shutil.copytree(out / PREFIXES, tmp_path / "par" / PREFIXES)
+    entry = open_run(out).entries[0]
+    shutil.copy(out / entry.file, out / "x.safetensors")
+    shutil.rmtree(out / PREFIXES)
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["file"] = "x.safetensors"
+    (out / "manifest.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(FormatError, match="outside a run's samples/ or shards/"):
+        load_activations(out, sample_id=entry.id)
+
+
+def test_a_fifo_as_prefix_blocks_nothing(tiny_lm, tmp_path):
+    import signal
+
+    out = tmp_path / "r"
+    _run(tiny_lm, out, n=4)
+    (prefix,) = (out / PREFIXES).iterdir()
+    prefix.unlink()
+    os.mkfifo(prefix)
+    signal.alarm(120)  # a blocked open would hang the suite: fail it instead
+    try:
+        _, source = next(iter(open_run(out).sample_paths()))
+        with pytest.raises(FormatError, match="shared prefix"):
+            load_activations(source)
+        from actcap.analysis import directory_summary
+
+        assert len(directory_summary(out).skipped) == 4
+        with pytest.warns(UserWarning, match="shared prefix"):
+            _run(tiny_lm, out, n=4, resume=True)
+    finally:
+        signal.alarm(0)
+    assert len(_loaded(out)) == 4
+
+
+def test_a_scalar_site_in_a_prefixed_sample_is_a_format_error(tmp_path):
+    from actcap.storage import ActivationFile, save_activations
+
+    path = tmp_path / "samples" / "s.safetensors"
+    path.parent.mkdir()
+    save_activations(path, {"layer_0": torch.tensor(1.0)}, SampleMeta("p"))
+    _rewrite_prefix(path, prefix="a" * 64, prefix_tokens="5")
+    with pytest.raises(FormatError, match="corrupt header"):
+        ActivationFile(path)

@@ -26,7 +26,7 @@ from actcap.errors import FormatError
 from actcap.storage import ActivationFile
 from actcap.storage.format import ID_TENSORS, ShardSlice
 from actcap.storage.header import check_metadata, parse_header
-from actcap.storage.location import is_url
+from actcap.storage.location import is_url, open_fd, open_regular
 from actcap.storage.names import site_sort_key
 from actcap.storage.prefixes import is_prefix_key
 from actcap.storage.reader import shared_rows
@@ -56,7 +56,7 @@ class ShardFiles:
         if fd is None:
             if len(self._fds) >= self._keep:
                 os.close(self._fds.pop(next(iter(self._fds))))
-            fd = os.open(shard, os.O_RDONLY)
+            fd = open_fd(shard)
         self._fds[shard] = fd  # most recently used last
         return fd
 
@@ -141,7 +141,7 @@ def _safetensors_arrays(
     :class:`ActivationFile`, which also says why a bad file is bad.
     """
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             length = os.fstat(fh.fileno()).st_size
             first = fh.read(8)
             if len(first) < 8:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from actcap.errors import FormatError
 from actcap.storage.dtypes import DTYPE_BYTES
 from actcap.storage.format import FORMAT_NAME, FORMAT_VERSION
+from actcap.storage.location import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -43,7 +44,7 @@ def detect_format(path: Path) -> FileKind:
         FormatError: When the file cannot be read.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(9)
     except OSError as e:
         raise FormatError(f"{path}: cannot read file ({e.strerror or e}).") from e
@@ -76,7 +77,7 @@ def read_header(path: Path) -> dict[str, Any]:
     """
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return parse_header(lambda start, n: _read_at(f, start, n), size, str(path))
     except OSError as e:
         raise FormatError(f"{path}: cannot read file ({e.strerror or e}).") from e

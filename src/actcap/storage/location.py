@@ -9,8 +9,9 @@ write completes; see :mod:`actcap.storage.remote`.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from actcap.errors import FormatError
 
@@ -52,6 +53,29 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts])
 
 
+def open_fd(path: PathOrUrl, flags: int = 0) -> int:
+    """A read-only descriptor of a local regular file (never a FIFO or device, which could block).
+
+    Raises:
+        FormatError: When ``path`` is not a regular file.
+        OSError: When it cannot be opened.
+    """
+    fd = os.open(local_path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(f"{os.fspath(path)}: not a regular file; not read.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: PathOrUrl) -> BinaryIO:
+    """A local regular file opened for reading in binary (see :func:`open_fd`)."""
+    return os.fdopen(open_fd(path), "rb")
+
+
 def read_range(location: str, start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` of a local file or a URL.
 
@@ -62,7 +86,7 @@ def read_range(location: str, start: int, end: int) -> bytes:
         if is_url(location):
             fs, path = url_fs(location)
             return bytes(fs.cat_file(path, start=start, end=end))
-        with open(local_path(location), "rb") as f:
+        with open_regular(location) as f:
             f.seek(start)
             return f.read(end - start)
     except (OSError, ValueError) as e:

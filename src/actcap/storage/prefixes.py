@@ -31,11 +31,9 @@ from torch import Tensor
 
 from actcap.errors import FormatError
 from actcap.storage.format import SampleMeta
-from actcap.storage.header import parse_header
-from actcap.storage.layout import PREFIXES
-from actcap.storage.location import is_url, local_path, read_range, url_fs
+from actcap.storage.layout import PREFIXES, SAMPLES, SHARDS
+from actcap.storage.location import is_url
 from actcap.storage.records import FinishedSample
-from actcap.storage.safety import NOFOLLOW, UnsafePathError, run_path
 
 PREFIX_KEY = "prefix"
 """Header metadata (and manifest) key: the prefix a sample's first rows are in."""
@@ -82,14 +80,22 @@ def prefix_location(sample_location: str | os.PathLike[str], key: str) -> str:
         key: The prefix key from the sample's header.
 
     Raises:
-        FormatError: When the key is corrupt.
+        FormatError: When the key is corrupt, or the sample is not in a run's ``samples/`` or
+            ``shards/`` folder.
     """
     name = prefix_filename(key)
     text = os.fspath(sample_location)
     if is_url(text):
-        root = text.rstrip("/").rsplit("/", 2)[0]
-        return f"{root}/{PREFIXES}/{name}"
-    return str(Path(text).parent.parent / PREFIXES / name)
+        root, folder, _ = text.rstrip("/").rsplit("/", 2)
+    else:
+        folder, root = Path(text).parent.name, str(Path(text).parent.parent)
+    if folder not in (SAMPLES, SHARDS):
+        raise FormatError(
+            f"{text}: its first token rows are in its run's shared prefix, and it lies outside a "
+            f"run's {SAMPLES}/ or {SHARDS}/ folder, so that prefix cannot be found. Read it in its "
+            "run, or save a copy of its own from there with save_activations (every row)."
+        )
+    return f"{root}/{PREFIXES}/{name}" if is_url(text) else str(Path(root) / PREFIXES / name)
 
 
 def shareable_rows(
@@ -172,36 +178,3 @@ def split_shared_prefix(sample: FinishedSample) -> tuple[FinishedSample, SharedP
         record={**sample.record, PREFIX_KEY: key},
     )
     return own, prefix
-
-
-def prefix_problem(
-    root: str | os.PathLike[str], key: str, real_root: str | None = None
-) -> str | None:
-    """Why a run's shared prefix cannot be used (missing, cut short, corrupt), or None when whole.
-
-    Only the header is read: it must parse with every tensor inside the file.
-    """
-    text = os.fspath(root)
-    try:
-        rel = f"{PREFIXES}/{prefix_filename(key)}"
-        where = run_path(text, rel, real_root)
-        if is_url(where):
-            fs, path = url_fs(where)
-            if not fs.exists(path):
-                return f"its shared prefix {rel} is missing"
-            size = int(fs.size(path))
-            parse_header(lambda start, n: read_range(where, start, start + n), size, rel)
-            return None
-        try:
-            fd = os.open(local_path(where), os.O_RDONLY | NOFOLLOW)
-        except FileNotFoundError:
-            return f"its shared prefix {rel} is missing"
-        try:
-            parse_header(lambda start, n: os.pread(fd, n, start), os.fstat(fd).st_size, rel)
-        finally:
-            os.close(fd)
-    except (FormatError, UnsafePathError) as e:
-        return f"its shared prefix cannot be used ({e})"
-    except OSError as e:
-        return f"its shared prefix cannot be read ({e.strerror or e})"
-    return None

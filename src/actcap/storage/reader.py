@@ -20,13 +20,14 @@ from torch import Tensor
 
 from actcap.errors import FormatError, UnknownNameError
 from actcap.storage.dtypes import TORCH_DTYPES
-from actcap.storage.float8 import dequantize, is_scale_name, scale_name
+from actcap.storage.float8 import dequantize, is_scale_name, needs_scale, scale_name
 from actcap.storage.format import ID_TENSORS, SampleMeta, ShardSlice
 from actcap.storage.header import PICKLED, check_metadata, detect_format, parse_header, read_header
+from actcap.storage.layout import PREFIXES
 from actcap.storage.legacy import legacy_contents
-from actcap.storage.location import is_url, read_range, url_fs
+from actcap.storage.location import PathOrUrl, is_url, read_range, url_fs
 from actcap.storage.names import site_sort_key
-from actcap.storage.prefixes import is_prefix_key, prefix_filename, prefix_location
+from actcap.storage.prefixes import is_prefix_key, prefix_filename, prefix_key, prefix_location
 from actcap.storage.safety import UnsafePathError, run_path
 
 
@@ -76,11 +77,14 @@ class ActivationFile:
         """What tells this file from another and from its own older versions (for caching)."""
         self._prefix: ActivationFile | None = None
         if "prefix" in self.raw_metadata and not (
-            is_prefix_key(self.meta.prefix) and self.meta.prefix_tokens > 0
+            is_prefix_key(self.meta.prefix)
+            and self.meta.prefix_tokens > 0
+            and all(len(self.header[s]["shape"]) >= 1 for s in self.sites)
         ):
             raise FormatError(
                 f"{self.label}: corrupt header: shared prefix {self.meta.prefix!r} of "
-                f"{self.raw_metadata.get('prefix_tokens')!r} tokens."
+                f"{self.raw_metadata.get('prefix_tokens')!r} tokens for sites "
+                f"{ {s: self.header[s]['shape'] for s in self.sites} }."
             )
 
     @property
@@ -98,7 +102,7 @@ class ActivationFile:
             return self._prefix
         key, n = self.meta.prefix, self.meta.prefix_tokens
         where = prefix_location(self.slice.shard if self.slice is not None else self.path, key)
-        try:
+        try:  # read through the location named by the key, never a path from the header
             if is_url(where):  # an object: read as one slice of itself
                 fs, path = url_fs(where)
                 prefix = ActivationFile(ShardSlice(where, 0, int(fs.size(path))))
@@ -107,8 +111,13 @@ class ActivationFile:
                 prefix = ActivationFile(where)
                 st = os.stat(where)
                 prefix.identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if prefix.meta.prefix:
-                raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
+            check_prefix(prefix, key, where)
+            if (prefix.meta.model, prefix.meta.dtype) != (self.meta.model, self.meta.dtype):
+                raise FormatError(f"{where}: another model's or dtype's prefix.")
+            if "input_ids" in self.header and not torch.equal(
+                self.get("input_ids")[:n], prefix.get("input_ids")
+            ):
+                raise FormatError(f"{where}: holds other tokens than this sample's first {n}.")
             for site in self.sites:
                 own, shared = self.shape(site, own=True), prefix.shape(site)
                 if shared[0] != n or shared[1:] != own[1:]:
@@ -226,11 +235,21 @@ class ActivationFile:
         return out
 
     def _get_own(self, name: str, dtype: torch.dtype | None) -> Tensor:
-        """The rows of a tensor this file holds, dequantized when float8."""
+        """The rows of a tensor this file holds, dequantized when float8.
+
+        Raises:
+            FormatError: A float8 site without its scale, or with one that does not fit.
+        """
         t = self._get_stored(name)
         scale = scale_name(name)
+        where = f"{self.label}: site {name!r}"
         if scale in self.header:
-            return dequantize(t, self._get_stored(scale), dtype or torch.float32)
+            return dequantize(t, self._get_stored(scale), dtype or torch.float32, where=where)
+        if not is_scale_name(name) and needs_scale(self.dtype(name), self.meta.dtype):
+            raise FormatError(
+                f"{where} is stored as float8 ({self.dtype(name)}) but has no scale {scale!r}; "
+                "the file is damaged: capture this sample again."
+            )
         return t if dtype is None else t.to(dtype)
 
     def is_float8(self, name: str) -> bool:
@@ -352,8 +371,7 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
 
         def read(site: str = site) -> Tensor:
             with ActivationFile(where) as prefix:
-                if prefix.meta.prefix:
-                    raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
+                check_prefix(prefix, key, where)
                 return prefix.get(site)
 
         rows = _PREFIX_ROWS.get(identity, site, None, read)
@@ -361,3 +379,57 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
             raise FormatError(f"{where}: site {site!r} has {list(rows.shape)} rows, not {n}.")
         out[site] = rows
     return out
+
+
+def check_prefix(prefix: ActivationFile, key: str, where: str) -> None:
+    """Check that a prefix file is the one its key names: its model, dtype, sites and tokens.
+
+    The key is recomputed from what the file holds, so a file swapped for another prefix, cut
+    to fewer rows or sites, or itself leaning on a prefix is refused (the values of the rows
+    are not checked: actcap keeps no checksum of them).
+
+    Raises:
+        FormatError: When it is not.
+    """
+    if prefix.meta.prefix:
+        raise FormatError(f"{where}: a shared prefix that has a prefix itself.")
+    if "input_ids" not in prefix.header:
+        raise FormatError(f"{where}: a shared prefix without its input_ids.")
+    ids = prefix.get("input_ids").reshape(-1).tolist()
+    if prefix_key(prefix.meta.model, prefix.meta.dtype, prefix.sites, ids) != key:
+        raise FormatError(f"{where}: holds another prefix than its name says.")
+    for site in prefix.sites:
+        shape = prefix.shape(site)
+        if not shape or shape[0] != len(ids):
+            raise FormatError(
+                f"{where}: site {site!r} has shape {list(shape)}, not {len(ids)} rows."
+            )
+
+
+def prefix_fault(root: PathOrUrl, key: str, real_root: str | None = None) -> str | None:
+    """Why a run's shared prefix cannot be used (missing, damaged, another), or None when sound.
+
+    Reads its header and token ids (see :func:`check_prefix`), never through a link out of the
+    run, never a FIFO or device.
+    """
+    text = os.fspath(root)
+    rel = ""
+    try:
+        rel = f"{PREFIXES}/{prefix_filename(key)}"
+        where = run_path(text, rel, real_root)
+        if is_url(where):
+            fs, path = url_fs(where)
+            if not fs.exists(path):
+                return f"its shared prefix {rel} is missing"
+            source: Path | ShardSlice = ShardSlice(where, 0, int(fs.size(path)))
+        else:
+            if not os.path.lexists(where):
+                return f"its shared prefix {rel} is missing"
+            source = Path(where)
+        with ActivationFile(source) as prefix:
+            check_prefix(prefix, key, rel)
+    except (FormatError, UnsafePathError, UnknownNameError) as e:
+        return f"its shared prefix {rel or key} cannot be used ({e})"
+    except OSError as e:
+        return f"its shared prefix {rel or key} cannot be read ({e.strerror or e})"
+    return None

@@ -40,7 +40,8 @@ from actcap.storage.manifest import (
     merged_manifest,
     read_all_manifests,
 )
-from actcap.storage.prefixes import prefix_problem, split_shared_prefix
+from actcap.storage.prefixes import split_shared_prefix
+from actcap.storage.reader import prefix_fault
 from actcap.storage.records import FinishedSample
 from actcap.storage.repair import damaged_samples, warn_redone
 from actcap.storage.runconfig import check_run_config
@@ -139,7 +140,7 @@ class RemoteRunWriter:
             if prefix is not None and prefix.key not in self._prefixes:
                 # An object appears whole when its write completes: durable before the sample,
                 # which is listed only when its shard is sealed, later still.
-                if prefix_problem(self.root, prefix.key) is not None:
+                if prefix_fault(self.root, prefix.key) is not None:
                     parts = encode_sample(
                         prefix.key, prefix.activations, prefix.meta, input_ids=prefix.input_ids
                     )

@@ -14,9 +14,10 @@ from pathlib import Path
 from actcap.errors import FormatError
 from actcap.storage.format import ShardSlice
 from actcap.storage.header import check_question_id, parse_header, read_header
-from actcap.storage.location import PathOrUrl, is_url, local_path, url_fs
+from actcap.storage.location import PathOrUrl, is_url, local_path, open_fd, url_fs
 from actcap.storage.manifest import ManifestEntry, merged_manifest, replace_manifest
-from actcap.storage.prefixes import PREFIX_KEY, prefix_problem
+from actcap.storage.prefixes import PREFIX_KEY
+from actcap.storage.reader import prefix_fault
 from actcap.storage.safety import NOFOLLOW, RunDirs
 
 
@@ -58,7 +59,7 @@ def _damaged_prefixes(
             users.setdefault(str(key), []).append(e.id)
     out: dict[str, str] = {}
     for key, ids in users.items():
-        why = prefix_problem(root, key, real_root)
+        why = prefix_fault(root, key, real_root)
         if why is not None:
             out.update({i: f"{why}; {len(ids)} sample(s) use it" for i in ids})
     return out
@@ -72,7 +73,7 @@ def _damaged_in_shard(shard: str, items: list[tuple[ManifestEntry, ShardSlice]])
             fs, path = url_fs(shard)
             size = int(fs.size(path))
         else:
-            fd = os.open(local_path(shard), os.O_RDONLY | NOFOLLOW)
+            fd = open_fd(shard, NOFOLLOW)
             size = os.fstat(fd).st_size
     except OSError as err:
         return {e.id: f"{shard}: cannot read the shard ({err})." for e, _ in items}

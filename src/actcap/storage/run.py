@@ -63,7 +63,8 @@ from actcap.storage.manifest import (
     read_all_manifests,
     replace_manifest,
 )
-from actcap.storage.prefixes import SharedPrefix, prefix_problem, split_shared_prefix
+from actcap.storage.prefixes import SharedPrefix, split_shared_prefix
+from actcap.storage.reader import prefix_fault
 from actcap.storage.records import FinishedSample
 from actcap.storage.repair import drop_damaged
 from actcap.storage.runconfig import check_run_config
@@ -404,7 +405,7 @@ class RunWriter:
         """
         if prefix.key in self._prefixes:
             return
-        if prefix_problem(self.root, prefix.key) is not None:  # missing, or damaged: redo it
+        if prefix_fault(self.root, prefix.key) is not None:  # missing, or damaged: redo it
             parts = encode_sample(
                 str(self.dirs.path(PREFIXES, prefix.filename)),
                 prefix.activations,
