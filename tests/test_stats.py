@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -365,3 +367,169 @@ def test_stats_with_an_lm_eval_task_is_refused(tiny_model_dir) -> None:
     args = ["eval", "--model", str(tiny_model_dir), "--task", "arc_easy", "--stats", "all"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and "--stats cannot go with --task" in r.output
+
+
+def _stats_run(tiny_lm, out, resume: bool = False, limit: int = 4) -> None:
+    from actcap.bench import EvalOptions, load_benchmark, run_benchmark
+    from actcap.capture.spec import CaptureSpec
+    from tests.conftest import DATA
+
+    bench = load_benchmark(f"mmlu:{DATA / 'mmlu' / 'test' / 'high_school_geography_test.csv'}")
+    run_benchmark(
+        tiny_lm,
+        bench,
+        capture=CaptureSpec(layers=[0, -1], token_selection="all", stats=("all",)),
+        options=EvalOptions(batch_size=2, few_shot=3, limit=limit),
+        out=out,
+        resume=resume,
+        progress=False,
+        storage="files",
+        verify=0,
+    )
+
+
+@pytest.mark.parametrize("damage", ["sample", "prefixes"])
+def test_resume_answering_samples_again_restarts_the_stats(tiny_lm, tmp_path, damage) -> None:
+    import shutil
+    import warnings
+
+    from actcap.storage.stats_file import read_stats
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole first session warns about nothing
+        _stats_run(tiny_lm, out)
+    first = read_stats(out)
+    assert first is not None and first.n_samples == 4 and first.counted is not None
+    assert sorted(first.counted) == sorted(set(first.counted))
+    if damage == "sample":
+        victim = sorted((out / "samples").glob("*.safetensors"))[0]
+        victim.unlink()
+    else:
+        assert (out / "prefixes").is_dir()
+        shutil.rmtree(out / "prefixes")
+    with pytest.warns(UserWarning, match="answered again") as caught:
+        _stats_run(tiny_lm, out, resume=True)
+    stats_warnings = [w for w in caught if "statistics" in str(w.message)]
+    assert len(stats_warnings) == 1, [str(w.message) for w in caught]
+    again = read_stats(out)
+    assert again is not None and again.counted is not None
+    assert again.n_samples == len(again.counted) <= 4
+    assert len(set(again.counted)) == again.n_samples
+    message = str(stats_warnings[0].message)
+    assert f"cover {again.n_samples} of the run's 4 samples" in message
+    if damage == "sample":
+        assert again.n_samples == 1 and "1 sample counted" in message
+    if again.n_samples == 4:  # every sample answered again: the same statistics as the first
+        for site, tensors in first.sites.items():
+            assert torch.equal(tensors["count"], again.sites[site]["count"])
+
+
+def test_capture_spec_stats_must_be_strings() -> None:
+    from actcap.capture.spec import CaptureSpec
+    from actcap.errors import ActcapError
+
+    assert CaptureSpec(stats="all").stats == ("all",)
+    assert CaptureSpec(stats=["0", "layer_1"]).stats == ("0", "layer_1")
+    for bad in (True, 3, [0], None):
+        with pytest.raises(ActcapError, match="'all'"):
+            CaptureSpec(stats=bad)  # type: ignore[arg-type]
+
+
+def _rewrite_stats(path, change) -> None:
+    """Apply ``change(tensors, metadata)`` to a statistics file (both dicts, edited in place)."""
+    import json
+
+    from safetensors.torch import load, save
+
+    data = path.read_bytes()
+    tensors = dict(load(data))
+    metadata = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    change(tensors, metadata)
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+def _set(key: str, value):
+    return lambda t, m: t.__setitem__(key, value)
+
+
+def _wider(t, m) -> None:
+    for name in ("mean", "m2", "max_abs"):
+        t[f"layer_0/{name}"] = torch.cat([t[f"layer_0/{name}"], torch.ones(1, dtype=torch.float64)])
+
+
+CORRUPTIONS = {
+    "missing tensor": lambda t, m: t.pop("layer_0/mean"),
+    "top_sample out of range": _set("layer_0/top_sample", torch.full((16,), 99)),
+    "top_dim out of range": _set("layer_0/top_dim", torch.full((16,), 10**6)),
+    "top lists of unequal length": _set("layer_0/top_dim", torch.zeros(3, dtype=torch.int64)),
+    "sites not a list": lambda t, m: m.__setitem__("sites", '"layer_0"'),
+    "samples not a list": lambda t, m: m.__setitem__("samples", "5"),
+    "samples of numbers": lambda t, m: m.__setitem__("samples", "[1, 2]"),
+    "n_samples not a number": lambda t, m: m.__setitem__("n_samples", "many"),
+    "site without tensors": lambda t, m: m.__setitem__(
+        "sites", json.dumps([*json.loads(m["sites"]), "layer_9"])
+    ),
+    "tensor of no site": _set("ghost/count", torch.ones(1, dtype=torch.int64)),
+    "count of shape [0]": _set("layer_0/count", torch.zeros(0, dtype=torch.int64)),
+    "count of floats": _set("layer_0/count", torch.ones(1)),
+    "m2 of another width": _set("layer_0/m2", torch.zeros(3, dtype=torch.float64)),
+    "norm_hist of the wrong size": _set("layer_0/norm_hist", torch.zeros(7, dtype=torch.int64)),
+}
+
+
+@pytest.fixture(scope="module")
+def stats_run(tmp_path_factory, tiny_lm):
+    out = tmp_path_factory.mktemp("stats") / "run"
+    _stats_run(tiny_lm, out, limit=3)
+    return out
+
+
+def _damaged_copy(stats_run, tmp_path, change):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stats_run, run)
+    if change is None:
+        (run / "stats.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    else:
+        _rewrite_stats(run / "stats.safetensors", change)
+    return run
+
+
+@pytest.mark.parametrize("what", [*CORRUPTIONS, "not safetensors"])
+def test_a_damaged_stats_file_is_one_line_in_analyze_and_report(stats_run, tmp_path, what):
+    from click.testing import CliRunner
+
+    from actcap.cli.main import cli
+
+    run = _damaged_copy(stats_run, tmp_path, CORRUPTIONS.get(what))
+    for args in (
+        ["analyze", "--directory", str(run)],
+        ["report", str(run), "--out", str(tmp_path / "r.html")],
+    ):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert "Traceback" not in r.output and r.exception is not None
+        errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "stats.safetensors" in errors[0], r.output
+        assert "--resume" not in errors[0]
+
+
+@pytest.mark.parametrize("what", ["not safetensors", "top_sample out of range", "wider"])
+def test_resume_over_a_damaged_or_unfitting_stats_file_restarts_them(
+    stats_run, tmp_path, tiny_lm, what
+):
+    from actcap.storage.stats_file import read_stats
+
+    change = _wider if what == "wider" else CORRUPTIONS.get(what)
+    run = _damaged_copy(stats_run, tmp_path, change)
+    if what == "wider":
+        assert read_stats(run) is not None  # a sound file, of another width than the run's
+    with pytest.warns(UserWarning, match="restart with this session and cover 1 of the run's 4"):
+        _stats_run(tiny_lm, run, resume=True, limit=4)
+    contents = read_stats(run)
+    assert contents is not None and contents.n_samples == 1
+    assert int(contents.sites["layer_0"]["mean"].shape[0]) == int(
+        read_stats(stats_run).sites["layer_0"]["mean"].shape[0]  # type: ignore[union-attr]
+    )

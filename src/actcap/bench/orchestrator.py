@@ -253,11 +253,14 @@ def orchestrate(
         todo = [q for q in bench.questions if q.id not in records]
         plan = runner.plan_questions(lm, bench, todo, options)
         share = capture is not None and capture.token_selection == "all" and options.share_prefixes
-        prefixes = shared_prefixes(lm, plan) if share and out is not None else {}
+        prefixes = (
+            shared_prefixes(lm, plan, benchmark, options) if share and out is not None else {}
+        )
         run = RunState(
             lm, bench, capture, options, sites, writer, shard_bytes, records, todo, plan, prefixes
         )
-        run.stats = open_stats(lm, capture, sites, writer.root if out is not None else None)
+        root = writer.root if out is not None else None
+        run.stats = open_stats(lm, capture, sites, root, done=records)
         return _finish(run, execution, progress, verify)
     finally:
         writer.close()

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from actcap.capture.sites import SITE_KINDS, LayerRequest, Site, SiteKind
-from actcap.errors import UnknownNameError
+from actcap.errors import CaptureError, UnknownNameError
 from actcap.models.loading import parse_dtype
 from actcap.storage.float8 import FLOAT8
 
@@ -57,10 +57,7 @@ class CaptureSpec:
             parse_dtype(self.dtype)
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.stats, str):
-            object.__setattr__(self, "stats", (self.stats,))
-        elif not isinstance(self.stats, tuple):
-            object.__setattr__(self, "stats", tuple(self.stats))
+        object.__setattr__(self, "stats", _stats_items(self.stats))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -109,3 +106,20 @@ class CaptureSpec:
                 f"{', '.join(names)}."
             )
         return wanted
+
+
+def _stats_items(stats: object) -> tuple[str, ...]:
+    """``stats`` as a tuple of site requests.
+
+    Raises:
+        CaptureError: ``stats`` is not a string or a sequence of strings.
+    """
+    if isinstance(stats, str):
+        return (stats,)
+    if isinstance(stats, Sequence) and all(isinstance(s, str) for s in stats):
+        return tuple(stats)
+    raise CaptureError(
+        f"stats={stats!r}: give the statistics sites as a string or a sequence of strings: "
+        "'all' (every captured site), or items in the syntax of layers ('0', '0-3,-1', "
+        "'layer_3.mlp'); () for none."
+    )

@@ -29,38 +29,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actcap.storage.stats_file import StatsContents
-
-DEFAULT_TOP_K = 16
-"""How many of the largest activations each site keeps."""
-
-NORM_BINS_PER_DECADE = 8
-NORM_LOW_EXP = -3
-NORM_HIGH_EXP = 5
-NORM_EDGES: tuple[float, ...] = tuple(
-    10 ** (NORM_LOW_EXP + i / NORM_BINS_PER_DECADE)
-    for i in range((NORM_HIGH_EXP - NORM_LOW_EXP) * NORM_BINS_PER_DECADE + 1)
+from actcap.storage.stats_file import (
+    DEFAULT_TOP_K,
+    N_NORM_BINS,
+    NORM_EDGES,
+    STATS_FILE,
+    TENSOR_NAMES,
+    StatsContents,
 )
-"""Fixed log-spaced edges of the norm histogram: 1e-3 to 1e5, 8 bins per decade (65 edges).
 
-Bin 0 counts norms below 1e-3 (zeros included), bin ``i`` (1..64) norms in
-``[NORM_EDGES[i-1], NORM_EDGES[i])``, and the last bin (65) norms of 1e5 and above, inf and nan.
-"""
-N_NORM_BINS = len(NORM_EDGES) + 1
-
-TENSOR_NAMES = (
-    "count",
-    "mean",
-    "m2",
-    "max_abs",
-    "norm_hist",
-    "norm_sum",
-    "top_value",
-    "top_sample",
-    "top_position",
-    "top_dim",
-)
-"""The tensors :meth:`SiteStats.to_tensors` gives, each stored as ``<site>/<name>``."""
+__all__ = [
+    "DEFAULT_TOP_K",
+    "NORM_EDGES",
+    "N_NORM_BINS",
+    "TENSOR_NAMES",
+    "ChunkPlan",
+    "SiteStats",
+    "StatsCollector",
+    "accumulate_dtype",
+    "from_file",
+    "merge_files",
+]
 
 
 def accumulate_dtype(device: torch.device) -> torch.dtype:
@@ -293,15 +282,44 @@ class StatsCollector:
         self.plans: list[ChunkPlan] = []
         self._held: dict[str, list[Tensor]] = {}
         self.earlier: dict[str, SiteStats] = {}
-        """Statistics of earlier sessions or other workers, merged in by :meth:`finished`."""
+        """Statistics of other workers (or files), merged in by :meth:`finished`."""
+        self.resumed: dict[str, SiteStats] = {}
+        """Statistics of the run's earlier sessions (:meth:`resume_from`)."""
+        self.restarted: str | None = None
+        """Why the earlier sessions' statistics were discarded (:meth:`discard_resumed`)."""
+        self._resumed_count = 0
+        self._resumed_names: list[str] | None = []
+        self._absorbed_names: list[str] | None = []
+        self._fed: list[int] = []
 
     def absorb(self, contents: StatsContents) -> None:
         """Merge in statistics gathered elsewhere (a Ray worker's batch, a file)."""
+        self._take(contents, self.earlier)
+        if self._absorbed_names is not None and contents.counted is not None:
+            self._absorbed_names.extend(contents.counted)
+        else:
+            self._absorbed_names = None
+
+    def resume_from(self, contents: StatsContents) -> None:
+        """Start from the statistics of the run's earlier sessions (a run's file)."""
+        self._take(contents, self.resumed)
+        self._resumed_count += contents.n_samples
+        self._resumed_names = contents.counted
+
+    def discard_resumed(self, reason: str) -> None:
+        """Drop the earlier sessions' statistics (they restart with this session), saying why."""
+        self.resumed = {}
+        self.counted -= self._resumed_count
+        self._resumed_count = 0
+        self._resumed_names = []
+        self.restarted = reason
+
+    def _take(self, contents: StatsContents, into: dict[str, SiteStats]) -> None:
         offset = len(self.sample_names)
         for name, s in from_file(contents.sites, k=self.k).items():
             s.top_sample = s.top_sample + offset
-            prior = self.earlier.get(name)
-            self.earlier[name] = prior.merge(s) if prior is not None else s
+            prior = into.get(name)
+            into[name] = prior.merge(s) if prior is not None else s
         self.sample_names.extend(contents.samples)
         # Samples fed later are numbered after every name known so far.
         self.n_samples = max(self.n_samples, len(self.sample_names))
@@ -319,11 +337,19 @@ class StatsCollector:
         for name, s in finished.items():
             s.top_sample = torch.tensor([renumber[int(i)] for i in s.top_sample.tolist()])
             out[name] = s.to_tensors()
-        return StatsContents(out, [self.name_of(i) for i in used], self.counted)
+        return StatsContents(out, [self.name_of(i) for i in used], self.counted, self.counted_ids())
+
+    def counted_ids(self) -> list[str] | None:
+        """The ids of every sample counted (None when a file merged in did not list its own)."""
+        if self._resumed_names is None or self._absorbed_names is None:
+            return None
+        fed = [self.name_of(i) for i in self._fed]
+        return [*self._resumed_names, *self._absorbed_names, *fed]
 
     def new_samples(self, n: int, device: str | torch.device = "cpu") -> Tensor:
         """Indices for the next ``n`` samples fed, on ``device``."""
         out = torch.arange(self.n_samples, self.n_samples + n, device=device)
+        self._fed.extend(range(self.n_samples, self.n_samples + n))
         self.n_samples += n
         self.counted += n
         return out
@@ -371,6 +397,14 @@ class StatsCollector:
         """Every site's statistics on the CPU, ready to store."""
         out = {name: s.finished() for name, s in self.stats.items()}
         for name, s in self.earlier.items():
+            out[name] = s.finished().merge(out[name]) if name in out else s.finished()
+        wrong = [n for n, s in self.resumed.items() if n in out and out[n].hidden != s.hidden]
+        if wrong:
+            self.discard_resumed(
+                f"{STATS_FILE} holds {wrong[0]} of width {self.resumed[wrong[0]].hidden}, this "
+                f"run's is {out[wrong[0]].hidden}"
+            )
+        for name, s in self.resumed.items():
             out[name] = s.finished().merge(out[name]) if name in out else s.finished()
         return dict(sorted(out.items()))
 
