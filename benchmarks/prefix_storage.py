@@ -65,7 +65,7 @@ def main() -> None:
     capture = CaptureSpec(token_selection="all", dtype=args.dtype)
     sites = runner.run_sites(lm, capture)
     plan = runner.plan_questions(lm, bench, bench.questions, options)
-    prefixes = shared_prefixes(lm, plan)
+    prefixes = shared_prefixes(lm, plan, bench, options)
     samples: list[FinishedSample] = []
     for batch in runner.plan_batches(plan, options.batch_size):
         for q, a, record in runner.answer_batch(lm, bench, batch, capture, sites, options):

@@ -371,3 +371,27 @@ def test_a_scalar_site_in_a_prefixed_sample_is_a_format_error(tmp_path):
     _rewrite_prefix(path, prefix="a" * 64, prefix_tokens="5")
     with pytest.raises(FormatError, match="corrupt header"):
         ActivationFile(path)
+
+
+def test_the_prefix_does_not_depend_on_limit_or_resume(tiny_lm, tmp_path):
+    bench = load_benchmark(f"mmlu:{MMLU_FILE}")
+
+    def run(out, limit, resume=False):
+        run_benchmark(
+            tiny_lm,
+            bench,
+            capture=CaptureSpec(layers=[0], token_selection="all"),
+            options=EvalOptions(few_shot=3, batch_size=4, limit=limit),
+            out=out,
+            resume=resume,
+            progress=False,
+            verify=0,
+        )
+
+    run(tmp_path / "r", 3)
+    run(tmp_path / "r", 6, resume=True)  # three more questions of the same subject
+    assert len(list((tmp_path / "r" / PREFIXES).iterdir())) == 1  # the same prefix: stored once
+    run(tmp_path / "other", 2)
+    assert {p.name for p in (tmp_path / "r" / PREFIXES).iterdir()} == {
+        p.name for p in (tmp_path / "other" / PREFIXES).iterdir()
+    }

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actcap.bench.verify import nonfinite_message, nonfinite_summary, verification_from_json
-from actcap.storage.layout import SAMPLES, SHARDS
+from actcap.storage.layout import PREFIXES, SAMPLES, SHARDS
 from actcap.storage.location import is_url, local_path
+from actcap.storage.stats_file import STATS_FILE
 
 if TYPE_CHECKING:
     from actcap.bench.runner import EvalResult
@@ -84,7 +85,8 @@ def check_lines(result: EvalResult) -> list[SummaryLine]:
 def activation_layout(out: Any) -> str:
     """Where a run's activations are: ``samples/``, ``shards/``, both, or none (no capture).
 
-    Both appear when a resume changed the layout.
+    Both appear when a resume changed the layout; ``prefixes/`` and ``stats.safetensors`` are
+    named when the run has them.
     """
     if is_url(os.fspath(out)):
         return f"{SHARDS}/"
@@ -94,4 +96,9 @@ def activation_layout(out: Any) -> str:
         for name in (SAMPLES, SHARDS)
         if (root / name).is_dir() and any(True for _ in (root / name).iterdir())
     ]
-    return " and ".join(used) if used else "no activation files: captured nothing"
+    if not used:
+        return "no activation files: captured nothing"
+    shared = (root / PREFIXES).is_dir() and any(True for _ in (root / PREFIXES).iterdir())
+    extra = [f"{PREFIXES}/ (the shared prompt prefixes its samples need)"] if shared else []
+    extra += [STATS_FILE] if (root / STATS_FILE).is_file() else []
+    return ", ".join([" and ".join(used), *extra])
