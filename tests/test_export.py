@@ -270,3 +270,82 @@ def test_missing_extras_say_what_to_install(run_dir, tmp_path, monkeypatch, modu
     with pytest.raises(MissingDependencyError, match=rf"pip install 'actcap\[{extra}\]'"):
         call(run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def resave(path, sites, *, keep_prefix=False):
+    """Write a sample file anew with other ``sites`` (its metadata and token ids kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, ids = f.metadata(), f.get_tensor("input_ids")
+    if not keep_prefix:
+        meta = {k: v for k, v in meta.items() if k not in ("prefix", "prefix_tokens")}
+    save_file({**sites, "input_ids": ids}, str(path), metadata=meta)
+
+
+def odd_run(run_dir, root, odd, index=3):
+    """A copy of the run with sample ``index``'s layer_1 replaced by ``odd``; its id."""
+    import shutil
+
+    run = root / "run"
+    shutil.copytree(run_dir, run)
+    entry, path = list(open_run(run).sample_paths())[index]
+    resave(
+        path,
+        {"layer_0": torch.zeros(odd.shape[0] if odd.dim() > 1 else 1, 32), "layer_1": odd},
+        keep_prefix=odd.dim() == 1,
+    )
+    return run, entry.id
+
+
+def exported_rows(out, to):
+    """(sample ids per row, activations) of an export."""
+    if to == "npy":
+        acts = np.load(out / "activations.npy")
+        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        ids = [s["id"] for s in samples for _ in range(s["rows"][1] - s["rows"][0])]
+        return ids, acts
+    if to == "hf-dataset":
+        import datasets
+
+        table = datasets.load_from_disk(str(out)).data.table
+    else:
+        table = pq.read_table(out)
+    return table.column("sample_id").to_pylist(), np.array(
+        table.column("activation").to_pylist(), dtype=np.float32
+    )
+
+
+@pytest.mark.parametrize("to", ["npy", "parquet", "hf-dataset"])
+@pytest.mark.parametrize("odd", ["narrower", "prefixed-vector"])
+def test_a_sample_of_another_shape_is_skipped_and_counted(run_dir, stored, tmp_path, to, odd):
+    """One sample re-saved as [183, 16], or (the first) as a [32] vector on the shared prefix."""
+    if to == "hf-dataset":
+        pytest.importorskip("datasets")
+    tensor = torch.randn(183, 16) if odd == "narrower" else torch.randn(32)
+    run, odd_id = odd_run(run_dir, tmp_path, tensor, index=3 if odd == "narrower" else 0)
+    out = tmp_path / "out"
+    result = export_site(run, "layer_1", out, to=to)
+    kept = {k: v for k, v in stored.items() if k != odd_id}
+    assert [why for _, why in result.skipped.files] and len(result.skipped) == 1
+    assert (result.n_samples, result.hidden) == (9, 32)
+    assert result.n_rows == sum(x.shape[0] for x, _, _ in kept.values())
+    info = json.loads((out / "_export.json").read_text())
+    assert (info["n_rows"], info["hidden"], info["n_samples"]) == (result.n_rows, 32, 9)
+    assert len(info["skipped"]) == 1
+    ids, acts = exported_rows(out, to)
+    assert acts.shape == (result.n_rows, 32)
+    assert ids == [k for k, (x, _, _) in kept.items() for _ in range(x.shape[0])]
+    np.testing.assert_array_equal(acts, np.concatenate([x.numpy() for x, _, _ in kept.values()]))
+
+
+def test_cli_export_reports_a_sample_of_another_width(run_dir, tmp_path):
+    run, odd_id = odd_run(run_dir, tmp_path, torch.randn(183, 16))
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(
+        cli, ["export", str(run), "--to", "npy", "--site", "layer_1", "--out", str(out)]
+    )
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert "from 9 samples" in r.output and "skipped 1" in r.output
+    assert "[183, 16]" in r.output and "Traceback" not in r.output

@@ -15,10 +15,16 @@ Layouts written under ``--out``:
 
 Each also gets ``_export.json`` (written atomically): the run, site, row layout, dtype, hidden size and row count (the
 leading underscore keeps Parquet readers, which skip ``_`` and ``.`` files, reading the folder).
+
+Every sample's site must have the first usable sample's layout: ``[tokens, hidden]`` (token rows)
+or one ``[hidden]`` vector (a ``last``/``mean`` capture), with the same ``hidden``. A sample that
+does not fit, or cannot be read, is skipped and listed in ``_export.json`` (``skipped``) and the
+result; the rows and ``hidden`` written are always those the metadata states.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -61,6 +67,28 @@ class ExportResult:
     """Samples that could not be read (or lack the site), with why."""
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The layout every exported sample's site must have: from the first usable sample."""
+
+    vector: bool
+    """One ``[hidden]`` vector per sample (a ``last``/``mean`` capture), not ``[tokens, ...]``."""
+    hidden: int
+    """Width of a row."""
+
+    @staticmethod
+    def of(shape: tuple[int, ...]) -> _Layout | None:
+        """The layout of a site of this shape (None for a scalar)."""
+        if not shape:
+            return None
+        if len(shape) == 1:
+            return _Layout(True, int(shape[0]))
+        return _Layout(False, int(np.prod(shape[1:])))
+
+    def describe(self) -> str:
+        return f"[{self.hidden}]" if self.vector else f"[tokens, {self.hidden}]"
+
+
 @dataclass
 class _Block:
     """Rows of one sample."""
@@ -73,9 +101,26 @@ class _Block:
 
 
 def _rows_of(
-    ref: SampleRef, index: int, f: ActivationFile, site: str, rows: Rows, reduce: Reduce, dtype: Any
+    ref: SampleRef,
+    index: int,
+    f: ActivationFile,
+    site: str,
+    layout: _Layout,
+    rows: Rows,
+    reduce: Reduce,
+    dtype: Any,
 ) -> _Block:
+    """One sample's rows of ``site``.
+
+    Raises:
+        FormatError: When it cannot be read, or its shape does not fit ``layout``.
+    """
     x = f.get(site).float()
+    if _Layout.of(tuple(x.shape)) != layout:
+        raise FormatError(
+            f"{f.label}: site {site!r} has shape {list(x.shape)}, not {layout.describe()} as the "
+            "first sample's; left out of the export."
+        )
     if x.dim() == 1:  # stored reduced (token selection last or mean): one row per sample
         x = x.unsqueeze(0)
         positions = np.array([-1], dtype=np.int32)
@@ -102,15 +147,22 @@ def _rows_of(
 
 
 def _blocks(
-    samples: list[SampleRef], site: str, rows: Rows, reduce: Reduce, dtype: Any, skipped: Skipped
+    samples: list[SampleRef],
+    site: str,
+    layout: _Layout,
+    rows: Rows,
+    reduce: Reduce,
+    dtype: Any,
+    skipped: Skipped,
 ) -> Iterator[_Block]:
+    """Each sample's rows, in order; one that cannot be read or does not fit goes to ``skipped``."""
     index = 0
     for ref, f in iter_open(samples, skipped):
         if site not in f.sites:
             skipped.add(ref.path, f"no site {site!r} (sites: {', '.join(f.sites)})")
             continue
         try:
-            block = _rows_of(ref, index, f, site, rows, reduce, dtype)
+            block = _rows_of(ref, index, f, site, layout, rows, reduce, dtype)
         except FormatError as e:
             skipped.add(ref.path, str(e))
             continue
@@ -118,18 +170,36 @@ def _blocks(
         yield block
 
 
-def _hidden_size(samples: list[SampleRef], site: str) -> int:
-    """The row width, from the first readable header that has the site."""
+def _first_layout(samples: list[SampleRef], site: str) -> _Layout:
+    """The site's layout in the first readable header that has it in a usable shape.
+
+    A vector of its own on a shared prefix (whose rows are tokens) is no usable shape.
+
+    Raises:
+        UnknownNameError: When no sample has the site.
+        FormatError: When none has it in a usable shape.
+    """
     seen: set[str] = set()
+    unusable: list[str] = []
     for ref in samples:
         try:
             with ActivationFile(ref.path) as f:
                 seen.update(f.sites)
-                if site in f.sites:
-                    shape = f.shape(site)
-                    return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+                if site not in f.sites:
+                    continue
+                own = f.shape(site, own=True)
+                layout = _Layout.of(f.shape(site))
+                if layout is None or (f.prefix_tokens and len(own) < 2):
+                    unusable.append(f"{f.label}: shape {list(own)}")
+                    continue
+                return layout
         except FormatError:
             continue
+    if unusable:
+        raise FormatError(
+            f"No sample has site {site!r} as [tokens, hidden] or [hidden] ({unusable[0]}); "
+            "the run is damaged."
+        )
     raise UnknownNameError(
         f"No sample has site {site!r}. Sites in this run: {', '.join(sorted(seen)) or 'none'}."
     )
@@ -180,13 +250,14 @@ def export_site(
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FormatError(f"{target}: exists and is not an empty folder; choose another --out.")
     samples = list_samples(run)
-    hidden = _hidden_size(samples, site)
+    layout = _first_layout(samples, site)
+    hidden = layout.hidden
     np_dtype = _NP_DTYPES[dtype]
     skipped = Skipped.of(samples)
-    blocks = _blocks(samples, site, rows, reduce, np_dtype, skipped)
+    blocks = _blocks(samples, site, layout, rows, reduce, np_dtype, skipped)
     target.mkdir(parents=True, exist_ok=True)
     if to == "npy":
-        result = _write_npy(blocks, samples, site, rows, np_dtype, hidden, target, skipped)
+        result = _write_npy(blocks, np_dtype, hidden, target, skipped)
     elif to == "parquet":
         result = _write_parquet(blocks, hidden, dtype, target, skipped, group_rows, rows_per_file)
     else:
@@ -341,50 +412,36 @@ def _write_hf(
     return ExportResult(target, parts.n_rows, parts.n_samples, hidden, [target], skipped)
 
 
+def _npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header of an array; the same length whatever ``shape[0]`` (numpy pads it)."""
+    out = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue()
+
+
 def _write_npy(
-    blocks: Iterator[_Block],
-    samples: list[SampleRef],
-    site: str,
-    rows: Rows,
-    dtype: Any,
-    hidden: int,
-    target: Path,
-    skipped: Skipped,
+    blocks: Iterator[_Block], dtype: Any, hidden: int, target: Path, skipped: Skipped
 ) -> ExportResult:
-    """Two passes: count rows from the headers, then append each sample's rows to the arrays.
+    """Append each sample's rows to the arrays, then write the row count into their headers.
 
     Plain sequential writes, not a memory map: the dirty pages of a map count against the
-    process and would grow with the run (measured: +153 MB for 180 MB more data).
+    process and would grow with the run (measured: +153 MB for 180 MB more data). Each header is
+    written first for no rows and rewritten in place at the end (numpy leaves room for the row
+    count to grow), so the arrays hold exactly the rows written, which ``samples.jsonl`` and
+    ``_export.json`` describe.
     """
-    total = 0
-    for ref in samples:
-        try:
-            with ActivationFile(ref.path) as f:
-                if site in f.sites:
-                    shape = f.shape(site)
-                    total += 1 if (len(shape) == 1 or rows == "samples") else shape[0]
-        except FormatError:
-            continue
     names = ("activations", "sample_index", "position", "token_id")
     dtypes = (np.dtype(dtype), np.dtype(np.int32), np.dtype(np.int32), np.dtype(np.int64))
-    shapes: tuple[tuple[int, ...], ...] = ((total, hidden), (total,), (total,), (total,))
+    widths: tuple[tuple[int, ...], ...] = ((hidden,), (), (), ())
     streams = [open(target / f"{n}.npy", "wb") for n in names]  # noqa: SIM115 - closed below
     row = n_samples = 0
     try:
-        for stream, dt, shape in zip(streams, dtypes, shapes, strict=True):
-            header = {
-                "descr": np.lib.format.dtype_to_descr(dt),
-                "fortran_order": False,
-                "shape": shape,
-            }
-            np.lib.format.write_array_header_1_0(stream, header)
+        for stream, dt, width in zip(streams, dtypes, widths, strict=True):
+            stream.write(_npy_header(dt, (0, *width)))
         with open(target / "samples.jsonl", "w") as meta:
             for block in blocks:
                 k = len(block.position)
-                if row + k > total:
-                    raise FormatError(
-                        f"{target}: the run changed while it was exported; export it again."
-                    )
                 parts = (block.activation, np.full(k, n_samples), block.position, block.token_id)
                 for stream, dt, part in zip(streams, dtypes, parts, strict=True):
                     stream.write(np.ascontiguousarray(part, dtype=dt).tobytes())
@@ -402,11 +459,12 @@ def _write_npy(
                 )
                 row += k
                 n_samples += 1
-        # A sample counted from its header but unreadable now leaves zero rows at the end, which
-        # samples.jsonl and _export.json (n_rows) leave out.
-        for stream, dt, shape in zip(streams, dtypes, shapes, strict=True):
-            width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            stream.write(b"\0" * ((total - row) * width * dt.itemsize))
+        for stream, dt, width in zip(streams, dtypes, widths, strict=True):
+            header = _npy_header(dt, (row, *width))
+            if len(header) != len(_npy_header(dt, (0, *width))):
+                raise FormatError(f"{target}: {row} rows do not fit the .npy header; export less.")
+            stream.seek(0)
+            stream.write(header)
     finally:
         for stream in streams:
             stream.close()
