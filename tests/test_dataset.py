@@ -349,3 +349,50 @@ def test_half_precision_runs_read_as_load_activations_does(tiny_lm, tmp_path, st
     for row in got:
         want = load_activations(run, sample_id=row["id"])["activations"]["layer_1"]
         assert row["x"].dtype == torch.float32 and torch.equal(row["x"], want.float())
+
+
+def test_a_sample_of_another_width_is_skipped(files_run, tmp_path):
+    """One sample re-saved as [183, 16] among [n, 32] ones: batches and the buffer skip it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(files_run, run)
+    entry, path = list(open_run(run).sample_paths())[3]
+    with safe_open(str(path), framework="pt") as f:
+        meta, ids = f.metadata(), f.get_tensor("input_ids")
+    meta = {k: v for k, v in meta.items() if k not in ("prefix", "prefix_tokens")}
+    odd = {"layer_0": torch.zeros(183, 32), "layer_1": torch.randn(183, 16), "input_ids": ids}
+    save_file(odd, str(path), metadata=meta)
+    want = Counter((s, p) for s, p, _, _ in expected_rows(files_run) if s != entry.id)
+    for kw in ({"batch_size": 64}, {"shuffle_buffer": 100}, {"rows": "samples"}):
+        ds = ActivationDataset(run, sites=["layer_1"], labels=["id"], **kw)
+        with pytest.warns(UserWarning, match=r"skipped.*\[183, 16\]"):
+            if "batch_size" in kw:
+                rows = [r for b in ds for r in zip(b["id"], b["x"], strict=True)]
+            else:
+                rows = [(r["id"], r["x"]) for r in ds]
+        assert [sid for sid, _ in ds.skipped] == [entry.id]
+        assert {sid for sid, _ in rows} == {s for s, _ in want}
+        if "rows" not in kw:
+            assert len(rows) == sum(want.values()) and all(x.shape == (32,) for _, x in rows)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"seed": -1, "shuffle_buffer": 10}, "seed=-1"),
+        ({"seed": 1.5}, "seed=1.5"),
+        ({"shuffle_buffer": "10"}, "shuffle_buffer='10'"),
+        ({"shuffle_buffer": -3}, "shuffle_buffer=-3"),
+        ({"rank": 0.5, "world_size": 2}, "rank=0.5"),
+        ({"rank": 0, "world_size": "2"}, "world_size='2'"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 2.0}, "batch_size=2.0"),
+        ({"batch_size": True}, "batch_size=True"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(files_run, kw, match):
+    with pytest.raises(UnknownNameError, match=re.escape(match)) as e:
+        ActivationDataset(files_run, sites=["layer_1"], **kw)
+    assert "\n" not in str(e.value)

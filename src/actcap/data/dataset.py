@@ -24,8 +24,9 @@ holds one sample plus the shuffle buffer whatever the size of the run.
   or lists of str), to use with ``DataLoader(ds, batch_size=None)``: the fast path, with no
   per-row Python work (see ``docs/performance.md``).
 
-Samples that cannot be read (corrupt, truncated, missing a site) are skipped with a warning, as
-analysis does, and listed in :attr:`ActivationDataset.skipped` (of the process that read them).
+Samples that cannot be read (corrupt, truncated, missing a site) or whose rows of a site have
+another width than the run's first sample's are skipped with a warning, as analysis does, and
+listed in :attr:`ActivationDataset.skipped` (of the process that read them).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actcap.data.reader import ShardFiles, read_arrays
-from actcap.errors import ActcapError, FormatError, NoActivationsError, UnknownNameError
+from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
 from actcap.storage.format import ID_TENSORS, ShardSlice
 
@@ -264,8 +265,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             FormatError: When ``run`` is no run directory.
             NoActivationsError: When the run has no activations (``--no-capture``, no sample yet).
             UnknownNameError: An unknown site, label, rows or dtype value (the message lists
-                the valid ones).
-            ActcapError: An invalid buffer, batch size, rank or world size.
+                the valid ones), or a buffer, seed, batch size, rank or world size that is no
+                whole number in range.
         """
         self.run = os.fspath(run)
         info = open_run(run)
@@ -278,21 +279,16 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             raise NoActivationsError(_no_activations(self.run, len(info.entries)))
         if rows not in ("tokens", "samples"):
             raise UnknownNameError(f"rows={rows!r}: use 'tokens' or 'samples'.")
+        _check_arguments(shuffle_buffer, seed, batch_size, rank, world_size)
+        if batch_size is not None and rows != "tokens":
+            raise UnknownNameError(
+                f"batch_size={batch_size}: only with rows='tokens' (samples differ in length; "
+                "batch them with a collate_fn of your own)."
+            )
         self.rows: Rows = rows
-        self.run_sites = self._first_sites()
+        self.run_sites, self._widths = self._first_sites()
         self.sites = self._check_sites(sites)
         self.labels = self._check_labels(labels)
-        if shuffle_buffer < 0:
-            raise ActcapError(f"shuffle_buffer={shuffle_buffer}: must be 0 (off) or more.")
-        if batch_size is not None and (batch_size < 1 or rows != "tokens"):
-            raise ActcapError(
-                f"batch_size={batch_size}: must be 1 or more, and only with rows='tokens' "
-                "(samples differ in length; batch them with a collate_fn of your own)."
-            )
-        if (rank is None) != (world_size is None):
-            raise ActcapError("rank= and world_size= go together: give both or neither.")
-        if world_size is not None and rank is not None and not 0 <= rank < world_size:
-            raise ActcapError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size.")
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.dtype = _dtype(dtype)
@@ -304,13 +300,13 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self.warn_skipped = warn_skipped
         self._num_rows: int | None = None
 
-    def _first_sites(self) -> list[str]:
-        """The sites of the first readable sample."""
+    def _first_sites(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """The sites of the first readable sample, and the width of each one's rows."""
         errors = []
         for sid, _, path in self._samples[:8]:
             try:
                 with ActivationFile(path) as f:
-                    return f.sites
+                    return f.sites, {s: _width(f.shape(s, own=True)) for s in f.sites}
             except FormatError as e:
                 errors.append(f"{sid}: {e}")
         raise FormatError(f"{self.run}: the first samples cannot be read ({errors[0]}).")
@@ -436,6 +432,16 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 if missing:
                     self._skip(sid, f"{path}: no site {', '.join(missing)} in this sample.")
                     continue
+                odd = [s for s in self.sites if _width(arrays[s].shape) != self._widths[s]]
+                if odd:
+                    s = odd[0]
+                    self._skip(
+                        sid,
+                        f"{path}: site {s!r} has shape {list(arrays[s].shape)}, rows of "
+                        f"{list(_width(arrays[s].shape))} where the run's first sample has "
+                        f"{list(self._widths[s])}.",
+                    )
+                    continue
                 lengths = {s: _rows_of(arrays[s]) for s in self.sites}
                 if self.rows == "tokens" and len(set(lengths.values())) > 1:
                     self._skip(sid, f"{path}: its sites differ in token count ({lengths}).")
@@ -525,6 +531,47 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         for k, v in block.labels.items():
             out[k] = v.tolist() if v.dtype.kind in "OU" else torch.from_numpy(v)
         return out
+
+
+def _width(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of one row of a stored site: all of a ``[hidden]`` vector."""
+    return tuple(shape) if len(shape) <= 1 else tuple(shape[1:])
+
+
+def _is_whole(value: object, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
+
+
+def _check_arguments(
+    shuffle_buffer: object,
+    seed: object,
+    batch_size: object,
+    rank: object,
+    world_size: object,
+) -> None:
+    """Check :class:`ActivationDataset`'s numbers when it is made, not when it is iterated.
+
+    Raises:
+        UnknownNameError: Naming the argument and what it must be.
+    """
+    for name, value, least in (
+        ("shuffle_buffer", shuffle_buffer, 0),
+        ("seed", seed, 0),
+        ("batch_size", batch_size, 1),
+        ("rank", rank, 0),
+        ("world_size", world_size, 1),
+    ):
+        if (value is not None or name in ("shuffle_buffer", "seed")) and not _is_whole(
+            value, least
+        ):
+            raise UnknownNameError(f"{name}={value!r}: use a whole number of at least {least}.")
+    if (rank is None) != (world_size is None):
+        raise UnknownNameError("rank= and world_size= go together: give both or neither.")
+    if rank is not None and not rank < world_size:  # type: ignore[operator]
+        raise UnknownNameError(
+            f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size."
+        )
 
 
 def _rows_of(a: np.ndarray) -> int:
