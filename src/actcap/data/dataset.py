@@ -540,7 +540,9 @@ def _width(shape: Sequence[int]) -> tuple[int, ...]:
 
 def _is_whole(value: object, least: int) -> bool:
     """Whether ``value`` is an int (not a bool) of at least ``least``."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
+    return (
+        isinstance(value, int | np.integer) and not isinstance(value, bool) and bool(value >= least)
+    )
 
 
 def _check_arguments(
