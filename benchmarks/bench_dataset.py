@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import safe_open
@@ -46,6 +47,31 @@ def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
                     got = [torch.from_numpy(f.get_tensor(s)) for s in ds.sites]
             rows += got[0].shape[0] if got[0].dim() > 1 else 1
             nbytes += sum(t.numel() * t.element_size() for t in got)
+        return rows, nbytes
+
+    return run
+
+
+def joined_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
+    """Read every sample whole with safetensors alone, as docs/format.md section 3 does: a
+    sample's file, and for a sample on a shared prefix its ``prefixes/`` file, rows joined."""
+    samples = [path for _, _, path in ds.samples]
+
+    def run() -> tuple[int, int]:
+        rows = nbytes = 0
+        for path in samples:
+            if isinstance(path, ShardSlice):
+                raise SystemExit("the joined raw read covers runs of files only")
+            with safe_open(str(Path(path)), framework="numpy") as f:
+                got = {s: f.get_tensor(s) for s in ds.sites}
+                key = (f.metadata() or {}).get("prefix")
+            if key:
+                shared = Path(path).parent.parent / "prefixes" / f"{key}.safetensors"
+                with safe_open(str(shared), framework="numpy") as f:
+                    got = {s: np.concatenate([f.get_tensor(s), a]) for s, a in got.items()}
+            first = next(iter(got.values()))
+            rows += first.shape[0] if first.ndim > 1 else 1
+            nbytes += sum(a.nbytes for a in got.values())
         return rows, nbytes
 
     return run
@@ -93,8 +119,10 @@ def main() -> None:
     hidden = sum(next(iter(ActivationDataset(args.run, sites=[s])))["x"].numel() for s in sites)
     per_row = hidden * 4  # float32
     batched = ActivationDataset(args.run, sites=sites, batch_size=args.batch_size)
+    prefixed = any(e.get("prefix") for _, e, _ in tokens.samples)
     readers = {
         "raw safetensors": raw_reader(tokens),
+        **({"raw, prefix joined": joined_reader(tokens)} if prefixed else {}),
         "dataset, rows collated": loader_reader(DataLoader(tokens, args.batch_size), per_row),
         "dataset, batch_size=": loader_reader(DataLoader(batched, batch_size=None), per_row),
         "dataset, rows=samples": samples_reader(
@@ -115,11 +143,14 @@ def main() -> None:
         f"{args.run}: {len(tokens.samples)} samples, sites {', '.join(sites)}, best of {args.rounds}"
     )
     raw_mbs = best["raw safetensors"][2] / best["raw safetensors"][0] / 1e6
+    joined = best.get("raw, prefix joined")
+    joined_mbs = joined[2] / joined[0] / 1e6 if joined else None
     for name, (took, rows, nbytes) in best.items():
         mbs = nbytes / took / 1e6
         print(
             f"  {name:24} {rows:>8,} rows {took * 1e3:8.1f} ms {rows / took:>12,.0f} rows/s "
             f"{mbs:8.0f} MB/s  {mbs / raw_mbs:6.0%} of raw"
+            + (f"  {mbs / joined_mbs:6.0%} of raw joined" if joined_mbs else "")
         )
 
 

@@ -372,8 +372,8 @@ def test_ctrl_c_in_main_py_says_how_to_resume(tiny_model_dir, tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("flags", "shown", "absent"),
     [
-        (["--storage", "files"], "samples/)", "shards/"),
-        (["--storage", "shards"], "shards/)", "samples/"),
+        (["--storage", "files"], "samples/", "shards/"),
+        (["--storage", "shards"], "shards/", "samples/"),
         (["--no-capture"], "no activation files", "samples/"),
     ],
 )
@@ -384,6 +384,8 @@ def test_end_of_run_line_names_the_layout_used(tiny_model_dir, tmp_path, flags, 
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.output.splitlines() if x.startswith("run directory:")]
     assert shown in line and absent not in line, line
+    # the prompts share their opening tokens: the run names the prefixes its samples need
+    assert ("prefixes/" in line) == ("--no-capture" not in flags), line
 
 
 # --- item 14: help text on every option ---------------------------------------------------------
