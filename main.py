@@ -15,8 +15,7 @@ import sys
 from actcap import api
 from actcap.bench.runner import EvalOptions
 from actcap.capture.spec import CaptureSpec
-from actcap.cli.common import one_line_warnings
-from actcap.cli.eval_cmd import interrupted_message
+from actcap.cli.common import interrupted_message, one_line_warnings
 from actcap.errors import ActcapError
 
 

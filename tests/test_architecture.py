@@ -1,4 +1,4 @@
-"""The package's shape: no import circle among storage modules, no module grown too long."""
+"""The package's shape: no import circle (in storage, and in the whole package), no module grown too long."""
 
 from __future__ import annotations
 
@@ -22,7 +22,17 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path, package: str) -> set[str]:
     """Every module ``path`` imports, at any depth (function-level imports count too)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {  # `if TYPE_CHECKING:` imports never run
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -75,12 +85,24 @@ def test_find_cycle_sees_a_circle_through_a_function_level_import(tmp_path: Path
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from actcap.storage.run import open_run\n")
     assert "actcap.storage.run" in _imports(source, "actcap.storage.m")
+    source.write_text("if TYPE_CHECKING:\n    from actcap.bench.runner import X\n")
+    assert "actcap.bench.runner" not in _imports(source, "actcap.bench.m")
 
 
 def test_storage_modules_import_no_circle() -> None:
     graph = import_graph("actcap.storage")
     graph.pop("actcap.storage", None)  # the package re-exports its modules' public names
     assert len(graph) > 10
+    assert find_cycle(graph) is None
+
+
+def test_no_module_imports_in_a_circle() -> None:
+    """The whole package, beyond storage: no module imports one that imports it back (an import
+    of a package's ``__init__``, which only re-exports its modules' public names, is no edge)."""
+    graph = import_graph("actcap")
+    packages = {n for n in graph if (SRC.parent.joinpath(*n.split(".")) / "__init__.py").exists()}
+    graph = {n: {m for m in deps if m not in packages} for n, deps in graph.items()}
+    assert len(graph) > 80
     assert find_cycle(graph) is None
 
 

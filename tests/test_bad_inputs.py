@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 
 from actcap.analysis import compare_files, directory_summary, file_stats, logit_lens
-from actcap.compat import generate_inference_with_activations
 from actcap.cli.main import cli
+from actcap.compat import generate_inference_with_activations
 from actcap.errors import ActcapError, FormatError, UnsafeFileError, WriteError
 from actcap.storage import ActivationFile, SampleMeta, load_activations, open_run, save_activations
 from tests.conftest import REPO

@@ -240,7 +240,7 @@ def test_eval_args_has_one_field_per_option():
 def test_local_and_ray_runs_share_the_orchestrator(monkeypatch, tiny_lm, tiny_model_dir, tmp_path):
     pytest.importorskip("ray")
     from actcap.bench import distributed
-    from actcap.bench.runner import run_benchmark
+    from actcap.bench.orchestrator import run_benchmark
     from actcap.bench.sources import load_benchmark
 
     seen: list[str] = []

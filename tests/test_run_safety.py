@@ -18,7 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from actcap.bench.runner import EvalOptions, run_benchmark
+from actcap.bench.orchestrator import run_benchmark
+from actcap.bench.runner import EvalOptions
 from actcap.bench.sources import load_benchmark
 from actcap.capture.spec import CaptureSpec
 from actcap.cli.main import cli

@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "answer_benchmark_question_with_activations": "actcap.compat",
     "answer_and_grade_benchmark_question": "actcap.compat",
     "load_benchmark": "actcap.bench.sources",
-    "run_benchmark": "actcap.bench.runner",
+    "run_benchmark": "actcap.bench.orchestrator",
 }
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from actcap.api import analyse, evaluate, export
-    from actcap.bench.runner import run_benchmark
+    from actcap.bench.orchestrator import run_benchmark
     from actcap.bench.sources import load_benchmark
     from actcap.capture.collect import run_prompts
     from actcap.capture.spec import CaptureSpec

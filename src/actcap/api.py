@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import Tensor
 
 from actcap.bench.distributed import RayOptions
+from actcap.bench.orchestrator import run_benchmark
 from actcap.bench.questions import Benchmark
-from actcap.bench.runner import DEFAULT_CAPTURE, EvalOptions, EvalResult, run_benchmark
+from actcap.bench.runner import DEFAULT_CAPTURE, EvalOptions, EvalResult
 from actcap.bench.sources import load_benchmark
 from actcap.capture.collect import GenerationOptions, run_prompts
 from actcap.capture.sites import LayerRequest, SiteKind

@@ -5,9 +5,10 @@ The seed pipeline's one-question functions (``answer_and_grade_benchmark_questio
 """
 
 from actcap.bench.graders import GRADERS, Grade, Grader, get_grader
+from actcap.bench.orchestrator import run_benchmark
 from actcap.bench.prompts import build_prompt
 from actcap.bench.questions import Benchmark, Question
-from actcap.bench.runner import EvalOptions, EvalResult, run_benchmark
+from actcap.bench.runner import EvalOptions, EvalResult
 from actcap.bench.sources import SOURCES, load_benchmark
 
 __all__ = [

@@ -25,13 +25,13 @@ from actcap.bench import runner
 from actcap.bench.prefixes import shared_prefixes
 from actcap.bench.questions import Benchmark, Question
 from actcap.bench.run_stats import open_stats, stats_sites, write_stats
-from actcap.bench.runner import EvalOptions, EvalResult, Planned
+from actcap.bench.runner import DEFAULT_CAPTURE, EvalOptions, EvalResult, Planned
 from actcap.bench.verify import verify_after_run
 from actcap.capture.spec import CaptureSpec
 from actcap.capture.stats import StatsCollector
 from actcap.models.loading import LoadedModel
 from actcap.storage.background import BackgroundWriter, InlineWriter, SampleSink
-from actcap.storage.layout import Storage, resolve_storage
+from actcap.storage.layout import SHARD_BYTES, Storage, resolve_storage
 from actcap.storage.manifest import ManifestEntry
 from actcap.storage.writers import NullWriter, SampleWriter, open_writer
 
@@ -298,3 +298,58 @@ def _finish(run: RunState, execution: Execution, progress: bool, verify: int | N
     result.model = execution.model_name
     result.benchmark = run.bench.name
     return result
+
+
+def run_benchmark(
+    lm: LoadedModel,
+    benchmark: Benchmark,
+    *,
+    capture: CaptureSpec | None = DEFAULT_CAPTURE,
+    options: EvalOptions | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_sample: Callable[[ManifestEntry], None] | None = None,
+    storage: Storage = "auto",
+    shard_bytes: int = SHARD_BYTES,
+    verify: int | None = None,
+) -> EvalResult:
+    """Answer and grade a benchmark, writing every sample's activations into a run directory.
+
+    Args:
+        lm: The model.
+        benchmark: The questions.
+        capture: What to capture; None evaluates only.
+        options: Answering and grading options.
+        out: The run directory (or an fsspec URL); None keeps everything in memory.
+        resume: Continue a run in ``out`` that has finished samples.
+        progress: Show a progress bar with the running accuracy.
+        on_sample: Called after each sample is written (tests use it to inject faults).
+        storage: ``files`` (one per sample), ``shards`` (~1 GB files with an index), or
+            ``auto`` (shards above 10,000 questions, and always at a URL).
+        shard_bytes: Size at which a shard is closed and the next begun.
+        verify: Once finished, re-check this many random samples, read back from the run,
+            against the model run on each prompt alone (``results.json["verification"]``, a
+            :class:`~actcap.bench.verify.VerificationWarning` when it fails); None: 0.5% of the
+            samples, at least 1 and at most 8; 0: off. Needs ``out`` and ``capture``.
+
+    Returns:
+        Accuracy overall and per category, and the records.
+
+    Raises:
+        RunError: The run directory is locked, holds another run, or cannot be written.
+        BenchmarkError: A question cannot be answered as asked.
+    """
+    return orchestrate(
+        lm,
+        benchmark,
+        LocalExecution(lm, on_sample),
+        capture=capture,
+        options=options or EvalOptions(),
+        out=out,
+        resume=resume,
+        progress=progress,
+        storage=storage,
+        shard_bytes=shard_bytes,
+        verify=verify,
+    )

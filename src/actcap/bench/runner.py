@@ -17,7 +17,7 @@ import platform
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -43,8 +43,6 @@ from actcap.models.chat import adds_special_tokens
 from actcap.models.context import context_length, max_prompt_chars
 from actcap.models.loading import LoadedModel
 from actcap.storage.format import SampleMeta, utc_now
-from actcap.storage.layout import SHARD_BYTES, Storage
-from actcap.storage.manifest import ManifestEntry
 from actcap.storage.records import FinishedSample
 from actcap.storage.writers import SampleWriter
 
@@ -421,63 +419,6 @@ def finish_run(
         }
     )
     return result
-
-
-def run_benchmark(
-    lm: LoadedModel,
-    benchmark: Benchmark,
-    *,
-    capture: CaptureSpec | None = DEFAULT_CAPTURE,
-    options: EvalOptions | None = None,
-    out: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    on_sample: Callable[[ManifestEntry], None] | None = None,
-    storage: Storage = "auto",
-    shard_bytes: int = SHARD_BYTES,
-    verify: int | None = None,
-) -> EvalResult:
-    """Answer and grade a benchmark, writing every sample's activations into a run directory.
-
-    Args:
-        lm: The model.
-        benchmark: The questions.
-        capture: What to capture; None evaluates only.
-        options: Answering and grading options.
-        out: The run directory (or an fsspec URL); None keeps everything in memory.
-        resume: Continue a run in ``out`` that has finished samples.
-        progress: Show a progress bar with the running accuracy.
-        on_sample: Called after each sample is written (tests use it to inject faults).
-        storage: ``files`` (one per sample), ``shards`` (~1 GB files with an index), or
-            ``auto`` (shards above 10,000 questions, and always at a URL).
-        shard_bytes: Size at which a shard is closed and the next begun.
-        verify: Once finished, re-check this many random samples, read back from the run,
-            against the model run on each prompt alone (``results.json["verification"]``, a
-            :class:`~actcap.bench.verify.VerificationWarning` when it fails); None: 0.5% of the
-            samples, at least 1 and at most 8; 0: off. Needs ``out`` and ``capture``.
-
-    Returns:
-        Accuracy overall and per category, and the records.
-
-    Raises:
-        RunError: The run directory is locked, holds another run, or cannot be written.
-        BenchmarkError: A question cannot be answered as asked.
-    """
-    from actcap.bench.orchestrator import LocalExecution, orchestrate  # it builds on this module
-
-    return orchestrate(
-        lm,
-        benchmark,
-        LocalExecution(lm, on_sample),
-        capture=capture,
-        options=options or EvalOptions(),
-        out=out,
-        resume=resume,
-        progress=progress,
-        storage=storage,
-        shard_bytes=shard_bytes,
-        verify=verify,
-    )
 
 
 def _grade_and_record(

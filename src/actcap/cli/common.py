@@ -199,3 +199,11 @@ def placement_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     elif kw.get("max_memory") or kw.get("offload_folder"):
         raise click.BadParameter("needs --device-map", param_hint="--max-memory/--offload-folder")
     return out
+
+
+def interrupted_message(out: str, out_flag: str = "--out") -> str:
+    """What to tell a user who pressed Ctrl-C: finished samples are kept, and how to go on."""
+    return (
+        f"Interrupted. Every sample finished so far is safe in {out}. To continue, run the same "
+        f"command with --resume (and the same {out_flag} {out}): finished samples are skipped."
+    )

@@ -16,6 +16,7 @@ from actcap.cli.common import (
     capture_spec,
     device_option,
     dtype_option,
+    interrupted_message,
     layers_option,
     model_option,
     parse_size,
@@ -348,14 +349,6 @@ def refuse_ray_options_without_ray(use_ray: bool) -> None:
             f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray (they size the "
             "Ray workers); add --ray, or leave them out to answer in this process."
         )
-
-
-def interrupted_message(out: str, out_flag: str = "--out") -> str:
-    """What to tell a user who pressed Ctrl-C: finished samples are kept, and how to go on."""
-    return (
-        f"Interrupted. Every sample finished so far is safe in {out}. To continue, run the same "
-        f"command with --resume (and the same {out_flag} {out}): finished samples are skipped."
-    )
 
 
 def run_eval(args: EvalArgs, out: str) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from actcap.cli.common import (
+    interrupted_message,
     parse_size,
     reports_errors,
 )
@@ -110,8 +111,6 @@ def default_task_out(names: list[str]) -> str:
 
 def run_task_eval(args: EvalArgs) -> None:
     """Load the model, answer the tasks, print actcap's summary and lm-eval's metrics."""
-    from actcap.cli.eval_cmd import interrupted_message
-
     names = task_names(args.task or "")
     out = args.out or default_task_out(names)
     try:
