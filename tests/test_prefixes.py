@@ -395,3 +395,45 @@ def test_the_prefix_does_not_depend_on_limit_or_resume(tiny_lm, tmp_path):
     assert {p.name for p in (tmp_path / "r" / PREFIXES).iterdir()} == {
         p.name for p in (tmp_path / "other" / PREFIXES).iterdir()
     }
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_the_dataset_gives_a_prefixed_run_as_the_whole_run(tiny_lm, tmp_path, batch_size):
+    from actcap.data import ActivationDataset
+
+    _run(tiny_lm, tmp_path / "shared")
+    _run(tiny_lm, tmp_path / "whole", share=False)
+
+    def rows(run):
+        ds = ActivationDataset(
+            run,
+            sites=["layer_0", "layer_1"],
+            labels=["id", "position", "token_id"],
+            batch_size=batch_size,
+        )
+        out = []
+        for item in ds:
+            if batch_size is None:
+                out.append(
+                    (item["id"], item["position"], item["token_id"], item["x"]["layer_0"].clone())
+                )
+                item["x"]["layer_0"] += 1000.0  # a reader writing into what it got changes nothing
+            else:
+                for j in range(len(item["id"])):
+                    out.append(
+                        (
+                            item["id"][j],
+                            int(item["position"][j]),
+                            int(item["token_id"][j]),
+                            item["x"]["layer_1"][j],
+                        )
+                    )
+        return out
+
+    shared, whole = rows(tmp_path / "shared"), rows(tmp_path / "whole")
+    assert [r[:3] for r in shared] == [r[:3] for r in whole]
+    for a, b in zip(shared, whole, strict=True):
+        torch.testing.assert_close(a[3], b[3], atol=1e-4, rtol=1e-4)
+    again = rows(tmp_path / "shared")  # the kept prefix rows were not written through
+    for a, b in zip(again, shared, strict=True):
+        assert torch.equal(a[3], b[3])

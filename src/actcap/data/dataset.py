@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actcap.data.reader import ShardFiles, read_arrays
+from actcap.data.reader import PREFIX_PART, ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
 from actcap.storage.format import ID_TENSORS, ShardSlice
@@ -402,7 +402,9 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             yield from items
             return
         blocks: Iterator[_Block] = (
-            self._token_block(i, a) for i, a in self._read(self.sample_indices())
+            block
+            for i, a in self._read(self.sample_indices(), join=False)
+            for block in self._token_blocks(i, a)
         )
         if self.shuffle_buffer:
             blocks = _shuffled(blocks, self.shuffle_buffer, rng)
@@ -413,15 +415,21 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         for block in blocks:
             yield from self._block_rows(block)
 
-    def _read(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Each readable sample's arrays (its sites and token ids); others skipped, warned."""
+    def _read(
+        self, indices: Sequence[int], join: bool = True
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Each readable sample's arrays (its sites and token ids); others skipped, warned.
+
+        ``join=False``: a sample on a shared prefix may come in two parts (see
+        :data:`actcap.data.reader.PREFIX_PART`), each copied once where it goes.
+        """
         names = [*self.sites, *(ID_TENSORS if "token_id" in self.labels else ())]
         files = ShardFiles()
         try:
             for i in indices:
                 sid, _, path = self._samples[i]
                 try:
-                    _, arrays = read_arrays(path, names, files)
+                    _, arrays = read_arrays(path, names, files, join)
                 except FormatError as e:
                     self._skip(sid, str(e))
                     continue
@@ -442,7 +450,11 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                         f"{list(self._widths[s])}.",
                     )
                     continue
-                lengths = {s: _rows_of(arrays[s]) for s in self.sites}
+                lengths = {
+                    s: _rows_of(arrays[s])
+                    + (_rows_of(arrays[s + PREFIX_PART]) if s + PREFIX_PART in arrays else 0)
+                    for s in self.sites
+                }
                 if self.rows == "tokens" and len(set(lengths.values())) > 1:
                     self._skip(sid, f"{path}: its sites differ in token count ({lengths}).")
                     continue
@@ -493,11 +505,38 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         x = {s: self._tensor(self._array(arrays[s])) for s in self.sites}
         return {"x": x if len(x) > 1 else x[self.sites[0]], **self._sample_labels(i)}
 
-    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray]) -> _Block:
-        """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector)."""
+    def _token_blocks(self, i: int, arrays: Mapping[str, np.ndarray]) -> list[_Block]:
+        """Sample ``i``'s rows in one block, or two when its shared prefix rows come apart."""
+        shared = [arrays[s + PREFIX_PART] for s in self.sites if s + PREFIX_PART in arrays]
+        if len(shared) != len(self.sites):
+            if shared:  # some sites apart, some not: join them all
+                arrays = {
+                    k: np.concatenate([arrays[k + PREFIX_PART], v])
+                    if k + PREFIX_PART in arrays
+                    else v
+                    for k, v in arrays.items()
+                    if not k.endswith(PREFIX_PART)
+                }
+            return [self._token_block(i, arrays)]
+        n_shared = _rows_of(shared[0])
+        own = {k: v for k, v in arrays.items() if not k.endswith(PREFIX_PART)}
+        whole = self._token_block(i, own, extra_rows=n_shared)
+        head = {s: self._array(arrays[s + PREFIX_PART].reshape(n_shared, -1)) for s in self.sites}
+        return [
+            _Block(head, {k: v[:n_shared] for k, v in whole.labels.items()}),
+            _Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()}),
+        ]
+
+    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray], extra_rows: int = 0) -> _Block:
+        """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector).
+
+        ``extra_rows``: rows before those in ``arrays`` (a shared prefix's, in a block of their
+        own): the labels cover them too, and ``x`` only the rows given.
+        """
         first = arrays[self.sites[0]]
-        n = _rows_of(first)
-        x = {s: self._array(arrays[s].reshape(n, -1)) for s in self.sites}
+        n_own = _rows_of(first)
+        n = n_own + extra_rows
+        x = {s: self._array(arrays[s].reshape(n_own, -1)) for s in self.sites}
         labels = {
             k: np.full(n, v, dtype=object if isinstance(v, str) else None)
             for k, v in self._sample_labels(i).items()

@@ -127,7 +127,7 @@ def _sites_of(keys: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _safetensors_arrays(
-    path: Path, names_wanted: Sequence[str] | None
+    path: Path, names_wanted: Sequence[str] | None, join: bool = True
 ) -> tuple[list[str], dict[str, np.ndarray]] | None:
     """A local safetensors file's sites, and read-only arrays over a memory map of it.
 
@@ -180,21 +180,27 @@ def _safetensors_arrays(
         for n, (dtype, count, offset, shape) in spans.items()
     }
     if "prefix" in meta:
-        joined = _join_prefix(path, meta, arrays)
+        joined = _join_prefix(path, meta, arrays, join)
         if joined is None:
             return None
         arrays = joined
     return list(names), arrays
 
 
+PREFIX_PART = "@prefix"
+"""With ``join=False``, ``<site>@prefix`` holds the rows of a site that the run's shared prefix
+holds (read-only), and ``<site>`` the sample's own rows after them (no ``@`` is in a site name)."""
+
+
 def _join_prefix(
-    path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+    path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], join: bool = True
 ) -> dict[str, np.ndarray] | None:
     """A sample's arrays with the rows its run's shared prefix holds put back in front.
 
     The prefix rows are read once per prefix and kept (:func:`actcap.storage.reader.shared_rows`).
-    None when anything does not fit: the caller reads through :class:`ActivationFile`, which
-    says what is wrong.
+    ``join=False`` leaves them apart (:data:`PREFIX_PART`), for a caller that copies each part
+    where it goes. None when anything does not fit: the caller reads through
+    :class:`ActivationFile`, which says what is wrong.
     """
     key, count = meta.get("prefix"), meta.get("prefix_tokens")
     if not is_prefix_key(key) or not isinstance(count, str) or not count.isdecimal():
@@ -211,7 +217,12 @@ def _join_prefix(
         rows = shared[name].numpy()
         if rows.dtype != own.dtype or rows.shape[1:] != own.shape[1:]:
             return None
-        out[name] = np.concatenate([rows, own])
+        if join:
+            out[name] = np.concatenate([rows, own])
+        else:
+            rows = rows.view()
+            rows.flags.writeable = False  # the kept rows: never to be written through
+            out[name], out[name + PREFIX_PART] = own, rows
     return out
 
 
@@ -232,13 +243,15 @@ def _as_numpy(f: ActivationFile, name: str) -> np.ndarray:
 
 
 def read_arrays(
-    path: Path | ShardSlice, names: Sequence[str] | None, files: ShardFiles
+    path: Path | ShardSlice, names: Sequence[str] | None, files: ShardFiles, join: bool = True
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """One sample's sites (all of them, in network order) and the arrays of the ``names`` asked for.
 
     ``names`` may hold sites and the token-id tensors (``input_ids``, ``output_ids``); one not in
     the sample is simply absent from the arrays; ``None`` reads every site. Arrays may be
     read-only and of any float dtype (convert before keeping them); token ids are integers.
+    ``join=False``: a local sample file on a shared prefix may give its sites in two parts
+    (:data:`PREFIX_PART`).
 
     Raises:
         FormatError: When the sample is truncated or no valid activation file.
@@ -249,5 +262,5 @@ def read_arrays(
         if not is_url(path.shard):
             got = _slice_arrays(path, files, names)
     elif not is_url(path):
-        got = _safetensors_arrays(Path(path), names)
+        got = _safetensors_arrays(Path(path), names, join)
     return got if got is not None else _file_arrays(path, names)
