@@ -112,6 +112,12 @@ def main() -> None:
     p.add_argument("--sites", default="layer_12", help="comma-separated sites, or all")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per batch")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also time ready batches through a DataLoader with this many worker processes",
+    )
     args = p.parse_args()
     sites = None if args.sites == "all" else args.sites.split(",")
     tokens = ActivationDataset(args.run, sites=sites)
@@ -129,6 +135,10 @@ def main() -> None:
             ActivationDataset(args.run, sites=sites, rows="samples")
         ),
     }
+    if args.workers:
+        readers[f"dataset, batches, {args.workers} workers"] = loader_reader(
+            DataLoader(batched, batch_size=None, num_workers=args.workers), per_row
+        )
     for read in readers.values():
         read()  # warm-up: the page cache, torch's first calls
     best: dict[str, tuple[float, int, int]] = {}

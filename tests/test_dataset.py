@@ -192,7 +192,7 @@ def test_shuffle_is_deterministic_bounded_and_changes_with_epoch(files_run, monk
     assert a == b and sorted(a) == sorted(plain) and a != plain
     assert order(1) != a and order(0, epoch=1) != a
     # Bounded: the buffer never holds more than shuffle_buffer rows.
-    import actcap.data.dataset as mod
+    import actcap.data.blocks as mod
 
     peak = []
     real = mod._Buffer.append

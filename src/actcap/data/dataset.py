@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from actcap.data.blocks import Block, batched, shuffled, shuffled_list
 from actcap.data.reader import PREFIX_PART, ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
@@ -72,140 +72,6 @@ _NUMPY: dict[torch.dtype, Any] = {
     torch.float16: np.float16,
     torch.float64: np.float64,
 }
-_CHUNK = 1 << 16
-"""Rows emitted at once when the shuffle buffer drains at the end of a pass."""
-
-
-@dataclass
-class _Block:
-    """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]``.
-
-    numpy arrays, whose small copies cost less than torch's; tensors only when rows go out.
-    """
-
-    x: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return int(next(iter(self.x.values())).shape[0])
-
-    def rows(self, index: slice | np.ndarray) -> _Block:
-        """A slice (a view) or a selection (a copy) of the rows."""
-        return _Block(
-            {s: t[index] for s, t in self.x.items()}, {k: v[index] for k, v in self.labels.items()}
-        )
-
-    @staticmethod
-    def cat(blocks: Sequence[_Block]) -> _Block:
-        """The rows of several blocks, in order."""
-        first = blocks[0]
-        return _Block(
-            {s: np.concatenate([b.x[s] for b in blocks]) for s in first.x},
-            {k: np.concatenate([b.labels[k] for b in blocks]) for k in first.labels},
-        )
-
-
-class _Buffer:
-    """At most ``limit`` rows, in arrays that grow by doubling up to it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-        self.data: _Block | None = None
-
-    def full(self) -> bool:
-        return self.count >= self.limit
-
-    def append(self, part: _Block) -> None:
-        n = len(part)
-        if self.data is None:
-            self.data = _empty_like(part, min(self.limit, max(n, 1024)))
-        capacity = len(self.data)
-        if self.count + n > capacity:
-            grown = _empty_like(part, min(self.limit, max(2 * capacity, self.count + n)))
-            _put(grown, np.arange(self.count), self.data.rows(slice(0, self.count)))
-            self.data = grown
-        _put(self.data, np.arange(self.count, self.count + n), part)
-        self.count += n
-
-    def swap(self, slots: np.ndarray, part: _Block) -> _Block:
-        """The rows at ``slots`` (copied out), replaced by ``part``."""
-        assert self.data is not None
-        out = self.data.rows(slots)
-        _put(self.data, slots, part)
-        return out
-
-    def drain(self, rng: np.random.Generator) -> Iterator[_Block]:
-        """Every row left, in random order."""
-        if self.data is None or not self.count:
-            return
-        order = rng.permutation(self.count)
-        for start in range(0, self.count, _CHUNK):
-            yield self.data.rows(order[start : start + _CHUNK])
-
-
-def _empty_like(block: _Block, n: int) -> _Block:
-    return _Block(
-        {s: np.empty((n, *t.shape[1:]), dtype=t.dtype) for s, t in block.x.items()},
-        {k: np.empty(n, dtype=v.dtype) for k, v in block.labels.items()},
-    )
-
-
-def _put(into: _Block, slots: np.ndarray, part: _Block) -> None:
-    for s, t in into.x.items():
-        t[slots] = part.x[s]
-    for k, v in into.labels.items():
-        v[slots] = part.labels[k]
-
-
-def _shuffled(blocks: Iterator[_Block], limit: int, rng: np.random.Generator) -> Iterator[_Block]:
-    """Rows through a buffer of at most ``limit`` rows, each emitted row a random one of it."""
-    buffer = _Buffer(limit)
-    for block in blocks:
-        start, n = 0, len(block)
-        while start < n:
-            if not buffer.full():
-                take = min(limit - buffer.count, n - start)
-                buffer.append(block.rows(slice(start, start + take)))
-            else:
-                take = min(limit, n - start)
-                slots = rng.choice(limit, size=take, replace=False)
-                yield buffer.swap(slots, block.rows(slice(start, start + take)))
-            start += take
-    yield from buffer.drain(rng)
-
-
-def _batched(blocks: Iterator[_Block], size: int) -> Iterator[_Block]:
-    """The same rows, regrouped into blocks of ``size`` rows (the last may be smaller)."""
-    pending: list[_Block] = []
-    count = 0
-    for block in blocks:
-        pending.append(block)
-        count += len(block)
-        if count < size:
-            continue
-        joined = _Block.cat(pending)
-        cut = (count // size) * size
-        for start in range(0, cut, size):
-            yield joined.rows(slice(start, start + size))
-        pending = [joined.rows(slice(cut, count))] if cut < count else []
-        count -= cut
-    if count:
-        yield _Block.cat(pending)
-
-
-def _shuffled_list(items: Iterator[Any], limit: int, rng: np.random.Generator) -> Iterator[Any]:
-    """:func:`_shuffled` for whole samples (rows of different lengths)."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < limit:
-            buffer.append(item)
-            continue
-        slot = int(rng.integers(limit))
-        buffer[slot], item = item, buffer[slot]
-        yield item
-    for i in rng.permutation(len(buffer)):
-        yield buffer[i]
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -398,18 +264,18 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 self._sample_row(i, a) for i, a in self._read(self.sample_indices())
             )
             if self.shuffle_buffer:
-                items = _shuffled_list(items, self.shuffle_buffer, rng)
+                items = shuffled_list(items, self.shuffle_buffer, rng)
             yield from items
             return
-        blocks: Iterator[_Block] = (
+        blocks: Iterator[Block] = (
             block
             for i, a in self._read(self.sample_indices(), join=False)
             for block in self._token_blocks(i, a)
         )
         if self.shuffle_buffer:
-            blocks = _shuffled(blocks, self.shuffle_buffer, rng)
+            blocks = shuffled(blocks, self.shuffle_buffer, rng)
         if self.batch_size is not None:
-            for batch in _batched(blocks, self.batch_size):
+            for batch in batched(blocks, self.batch_size):
                 yield self._batch(batch)
             return
         for block in blocks:
@@ -505,7 +371,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         x = {s: self._tensor(self._array(arrays[s])) for s in self.sites}
         return {"x": x if len(x) > 1 else x[self.sites[0]], **self._sample_labels(i)}
 
-    def _token_blocks(self, i: int, arrays: Mapping[str, np.ndarray]) -> list[_Block]:
+    def _token_blocks(self, i: int, arrays: Mapping[str, np.ndarray]) -> list[Block]:
         """Sample ``i``'s rows in one block, or two when its shared prefix rows come apart."""
         shared = [arrays[s + PREFIX_PART] for s in self.sites if s + PREFIX_PART in arrays]
         if len(shared) != len(self.sites):
@@ -523,11 +389,11 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         whole = self._token_block(i, own, extra_rows=n_shared)
         head = {s: self._array(arrays[s + PREFIX_PART].reshape(n_shared, -1)) for s in self.sites}
         return [
-            _Block(head, {k: v[:n_shared] for k, v in whole.labels.items()}),
-            _Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()}),
+            Block(head, {k: v[:n_shared] for k, v in whole.labels.items()}),
+            Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()}),
         ]
 
-    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray], extra_rows: int = 0) -> _Block:
+    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray], extra_rows: int = 0) -> Block:
         """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector).
 
         ``extra_rows``: rows before those in ``arrays`` (a shared prefix's, in a block of their
@@ -551,9 +417,9 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             known = (position >= 0) & (position < len(all_ids))
             token_id[known] = all_ids[position[known]]
             labels["token_id"] = token_id
-        return _Block(x, {k: labels[k] for k in self.labels})
+        return Block(x, {k: labels[k] for k in self.labels})
 
-    def _block_rows(self, block: _Block) -> Iterator[dict[str, Any]]:
+    def _block_rows(self, block: Block) -> Iterator[dict[str, Any]]:
         """One dict per row, labels as Python scalars (the default collate stacks them)."""
         columns = {k: v.tolist() for k, v in block.labels.items()}
         xs = {s: self._tensor(a) for s, a in block.x.items()}
@@ -562,7 +428,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             x: Any = xs[single][j] if single else {s: t[j] for s, t in xs.items()}
             yield {"x": x, **{k: v[j] for k, v in columns.items()}}
 
-    def _batch(self, block: _Block) -> dict[str, Any]:
+    def _batch(self, block: Block) -> dict[str, Any]:
         """A ready batch: labels as tensors, or lists of str (as the default collate makes)."""
         xs = {s: self._tensor(a) for s, a in block.x.items()}
         x: Any = xs[self.sites[0]] if len(self.sites) == 1 else xs
