@@ -265,7 +265,7 @@ def test_unwritable_output_folder_for_an_unprivileged_user(tiny_model_dir):
         # Python's own files may live where the unprivileged user cannot read: import and load
         # everything first, then drop privileges, then run the command.
         code = (
-            "import os, sys, json, tqdm, importlib.readers, encodings.utf_8_sig, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec;"
+            "import os, sys, json, tqdm, importlib.readers, encodings.utf_8_sig, actcap.bench.runner, actcap.bench.sources, actcap.capture.spec, actcap.api, actcap.cli.lm_eval_cmd;"
             "from actcap.cli.main import main; from actcap.models import load_model;"
             f"load_model({str(model)!r}, device='auto');"
             "os.setgid(65534); os.setuid(65534); main()"
