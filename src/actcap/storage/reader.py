@@ -105,18 +105,18 @@ class ActivationFile:
         try:  # read through the location named by the key, never a path from the header
             if is_url(where):  # an object: read as one slice of itself
                 fs, path = url_fs(where)
-                prefix = ActivationFile(ShardSlice(where, 0, int(fs.size(path))))
+                size = int(fs.size(path))
+                prefix = ActivationFile(ShardSlice(where, 0, size))
+                prefix.identity = (where, size)
             else:  # never follow a link out of the sample's run
                 run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
                 prefix = ActivationFile(where)
                 st = os.stat(where)
                 prefix.identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            check_prefix(prefix, key, where)
+            ids = _sound_prefix_ids(prefix, key, where)
             if (prefix.meta.model, prefix.meta.dtype) != (self.meta.model, self.meta.dtype):
                 raise FormatError(f"{where}: another model's or dtype's prefix.")
-            if "input_ids" in self.header and not torch.equal(
-                self.get("input_ids")[:n], prefix.get("input_ids")
-            ):
+            if "input_ids" in self.header and self.get("input_ids")[:n].tolist() != list(ids):
                 raise FormatError(f"{where}: holds other tokens than this sample's first {n}.")
             for site in self.sites:
                 own, shared = self.shape(site, own=True), prefix.shape(site)
@@ -371,7 +371,8 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
 
         def read(site: str = site) -> Tensor:
             with ActivationFile(where) as prefix:
-                check_prefix(prefix, key, where)
+                prefix.identity = identity
+                _sound_prefix_ids(prefix, key, where)
                 return prefix.get(site)
 
         rows = _PREFIX_ROWS.get(identity, site, None, read)
@@ -379,6 +380,23 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
             raise FormatError(f"{where}: site {site!r} has {list(rows.shape)} rows, not {n}.")
         out[site] = rows
     return out
+
+
+_SOUND_PREFIXES: OrderedDict[tuple[object, ...], tuple[int, ...]] = OrderedDict()
+"""Prefix files found sound (by identity), with their token ids: checked once, not per sample."""
+_SOUND_LIMIT = 256
+
+
+def _sound_prefix_ids(prefix: ActivationFile, key: str, where: str) -> tuple[int, ...]:
+    """A prefix's token ids, after :func:`check_prefix` (run once per version of the file)."""
+    ids = _SOUND_PREFIXES.get(prefix.identity)
+    if ids is None:
+        check_prefix(prefix, key, where)
+        ids = tuple(prefix.get("input_ids").reshape(-1).tolist())
+        _SOUND_PREFIXES[prefix.identity] = ids
+        while len(_SOUND_PREFIXES) > _SOUND_LIMIT:
+            _SOUND_PREFIXES.popitem(last=False)
+    return ids
 
 
 def check_prefix(prefix: ActivationFile, key: str, where: str) -> None:
