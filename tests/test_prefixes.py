@@ -114,13 +114,13 @@ def _size(folder):
 
 @pytest.mark.parametrize("storage", ["files", "shards"])
 def test_a_few_shot_run_stores_the_shared_prefix_once_and_reads_whole(tiny_lm, tmp_path, storage):
-    _run(tiny_lm, tmp_path / "shared", storage=storage)
+    _run(tiny_lm, tmp_path / "prefixed", storage=storage)
     _run(tiny_lm, tmp_path / "whole", share=False, storage=storage)
-    prefixes = list((tmp_path / "shared" / PREFIXES).iterdir())
+    prefixes = list((tmp_path / "prefixed" / PREFIXES).iterdir())
     assert len(prefixes) == 1  # one subject: one prefix, written once
     assert not (tmp_path / "whole" / PREFIXES).exists()
-    assert _size(tmp_path / "shared") < 0.6 * _size(tmp_path / "whole")
-    shared, whole = _loaded(tmp_path / "shared"), _loaded(tmp_path / "whole")
+    assert _size(tmp_path / "prefixed") < 0.6 * _size(tmp_path / "whole")
+    shared, whole = _loaded(tmp_path / "prefixed"), _loaded(tmp_path / "whole")
     assert shared.keys() == whole.keys()
     for qid, data in shared.items():
         assert set(data) == set(whole[qid])  # the seed dictionary is unchanged
@@ -129,7 +129,7 @@ def test_a_few_shot_run_stores_the_shared_prefix_once_and_reads_whole(tiny_lm, t
         for site, t in whole[qid]["activations"].items():
             assert data["activations"][site].shape == t.shape
             torch.testing.assert_close(data["activations"][site], t, atol=1e-4, rtol=1e-4)
-    lines = [e.record for e in open_run(tmp_path / "shared").entries]
+    lines = [e.record for e in open_run(tmp_path / "prefixed").entries]
     assert all(is_prefix_key(r.get("prefix")) for r in lines)
 
 
@@ -258,7 +258,7 @@ def test_a_run_at_a_url_stores_its_prefix_once_and_reads_whole(tiny_lm, tmp_path
 def test_the_fast_whole_run_reader_joins_the_prefix_rows(tiny_lm, tmp_path, monkeypatch):
     from actcap.data import reader
 
-    _run(tiny_lm, tmp_path / "shared")
+    _run(tiny_lm, tmp_path / "prefixed")
     _run(tiny_lm, tmp_path / "whole", share=False)
     whole = _loaded(tmp_path / "whole")
 
@@ -267,7 +267,7 @@ def test_the_fast_whole_run_reader_joins_the_prefix_rows(tiny_lm, tmp_path, monk
 
     monkeypatch.setattr(reader, "_file_arrays", no_fallback)
     files = reader.ShardFiles()
-    for entry, source in open_run(tmp_path / "shared").sample_paths():
+    for entry, source in open_run(tmp_path / "prefixed").sample_paths():
         names, arrays = reader.read_arrays(source, None, files)
         assert names == list(whole[entry.id]["activations"])
         for site, t in whole[entry.id]["activations"].items():
@@ -401,7 +401,7 @@ def test_the_prefix_does_not_depend_on_limit_or_resume(tiny_lm, tmp_path):
 def test_the_dataset_gives_a_prefixed_run_as_the_whole_run(tiny_lm, tmp_path, batch_size):
     from actcap.data import ActivationDataset
 
-    _run(tiny_lm, tmp_path / "shared")
+    _run(tiny_lm, tmp_path / "prefixed")
     _run(tiny_lm, tmp_path / "whole", share=False)
 
     def rows(run):
@@ -430,10 +430,10 @@ def test_the_dataset_gives_a_prefixed_run_as_the_whole_run(tiny_lm, tmp_path, ba
                     )
         return out
 
-    shared, whole = rows(tmp_path / "shared"), rows(tmp_path / "whole")
+    shared, whole = rows(tmp_path / "prefixed"), rows(tmp_path / "whole")
     assert [r[:3] for r in shared] == [r[:3] for r in whole]
     for a, b in zip(shared, whole, strict=True):
         torch.testing.assert_close(a[3], b[3], atol=1e-4, rtol=1e-4)
-    again = rows(tmp_path / "shared")  # the kept prefix rows were not written through
+    again = rows(tmp_path / "prefixed")  # the kept prefix rows were not written through
     for a, b in zip(again, shared, strict=True):
         assert torch.equal(a[3], b[3])

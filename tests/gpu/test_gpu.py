@@ -110,10 +110,10 @@ def test_float8_on_cuda_equals_float8_on_the_cpu() -> None:
 def test_shared_prefixes_on_cuda_read_back_whole(cuda_lm, tmp_path) -> None:
     from tests.test_prefixes import PREFIXES, _loaded, _run
 
-    _run(cuda_lm, tmp_path / "shared")
+    _run(cuda_lm, tmp_path / "prefixed")
     _run(cuda_lm, tmp_path / "whole", share=False)
-    assert len(list((tmp_path / "shared" / PREFIXES).iterdir())) == 1
-    shared, whole = _loaded(tmp_path / "shared"), _loaded(tmp_path / "whole")
+    assert len(list((tmp_path / "prefixed" / PREFIXES).iterdir())) == 1
+    shared, whole = _loaded(tmp_path / "prefixed"), _loaded(tmp_path / "whole")
     for qid, data in shared.items():
         for site, t in whole[qid]["activations"].items():
             torch.testing.assert_close(data["activations"][site], t, atol=1e-4, rtol=1e-4)
