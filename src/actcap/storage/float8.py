@@ -113,27 +113,3 @@ def quantize_sites(tensors: Mapping[str, Tensor], sites: set[str]) -> dict[str, 
         else:
             out[name] = t
     return out
-
-
-def dequantize_all(
-    tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None
-) -> dict[str, Tensor]:
-    """``tensors`` with every float8 site and its scale put back together as one tensor.
-
-    ``dtype``: of those sites (float32 when None); other tensors are left as they are.
-
-    Raises:
-        FormatError: When a float8 tensor has no scale, or a scale that does not fit.
-    """
-    out: dict[str, Tensor] = {}
-    for name, t in tensors.items():
-        if is_scale_name(name):
-            continue
-        scale = tensors.get(scale_name(name))
-        if scale is None and t.dtype == FLOAT8_DTYPE:
-            raise FormatError(f"{name!r}: stored as float8 but has no scale {scale_name(name)!r}.")
-        where = f"site {name!r}"
-        out[name] = (
-            dequantize(t, scale, dtype or torch.float32, where=where) if scale is not None else t
-        )
-    return out

@@ -37,9 +37,6 @@ from actcap.storage.records import FinishedSample
 
 PREFIX_KEY = "prefix"
 """Header metadata (and manifest) key: the prefix a sample's first rows are in."""
-PREFIX_TOKENS = "prefix_tokens"
-"""Header metadata key: how many leading token rows the prefix holds."""
-
 MIN_PREFIX_TOKENS = 16
 """Shorter common prefixes are not worth a file of their own."""
 

@@ -69,11 +69,6 @@ class FinishedSample:
     """Token ids this prompt shares with others of its run; with every token kept, the writer
     stores their rows once for the run (:mod:`actcap.storage.prefixes`). Empty: nothing shared."""
 
-    @property
-    def has_activations(self) -> bool:
-        """Whether there is an activation file to write."""
-        return self.activations is not None and self.meta is not None
-
 
 def activation_dict(
     meta: SampleMeta,
