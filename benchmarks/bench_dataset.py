@@ -16,11 +16,14 @@ MB/s to the raw read's (the target is at least 80%).
 from __future__ import annotations
 
 import argparse
+import json
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 import safetensors.torch
 import torch
 from safetensors import safe_open
@@ -54,20 +57,28 @@ def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
 
 def joined_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
     """Read every sample whole with safetensors alone, as docs/format.md section 3 does: a
-    sample's file, and for a sample on a shared prefix its ``prefixes/`` file, rows joined."""
+    sample's file (or its bytes in a shard), and for a sample on a shared prefix its
+    ``prefixes/`` file, rows joined."""
     samples = [path for _, _, path in ds.samples]
+    prefixes = Path(ds.run) / "prefixes"
 
     def run() -> tuple[int, int]:
         rows = nbytes = 0
         for path in samples:
             if isinstance(path, ShardSlice):
-                raise SystemExit("the joined raw read covers runs of files only")
-            with safe_open(str(Path(path)), framework="numpy") as f:
-                got = {s: f.get_tensor(s) for s in ds.sites}
-                key = (f.metadata() or {}).get("prefix")
+                with open(path.shard, "rb") as f:
+                    f.seek(path.offset)
+                    raw = f.read(path.length)
+                tensors = safetensors.numpy.load(raw)
+                got = {s: tensors[s] for s in ds.sites}
+                size = struct.unpack_from("<Q", raw)[0]
+                key = (json.loads(raw[8 : 8 + size]).get("__metadata__") or {}).get("prefix")
+            else:
+                with safe_open(str(Path(path)), framework="numpy") as f:
+                    got = {s: f.get_tensor(s) for s in ds.sites}
+                    key = (f.metadata() or {}).get("prefix")
             if key:
-                shared = Path(path).parent.parent / "prefixes" / f"{key}.safetensors"
-                with safe_open(str(shared), framework="numpy") as f:
+                with safe_open(str(prefixes / f"{key}.safetensors"), framework="numpy") as f:
                     got = {s: np.concatenate([f.get_tensor(s), a]) for s, a in got.items()}
             first = next(iter(got.values()))
             rows += first.shape[0] if first.ndim > 1 else 1

@@ -28,14 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 10
 
 
-def make_run(lm, out, selection="all", storage="files", capture=True, dtype="float32", **kw):
+def make_run(
+    lm, out, selection="all", storage="files", capture=True, dtype="float32", options=None, **kw
+):
     bench = load_benchmark(f"mmlu:{MMLU}").limited(N)
     spec = CaptureSpec(layers=[0, 1], token_selection=selection, dtype=dtype) if capture else None
     run_benchmark(
         lm,
         bench,
         capture=spec,
-        options=EvalOptions(batch_size=4),
+        options=options or EvalOptions(batch_size=4),
         out=out,
         progress=False,
         storage=storage,

@@ -1,6 +1,8 @@
 """Rows in columns, and the two ways a pass regroups them: a bounded shuffle, and batches.
 
-:class:`Block` holds rows of one or more samples as numpy columns (``x`` per site, each label);
+:class:`Block` holds rows of one or more samples as columns (``x`` per site, each label): numpy
+arrays, or for ``x`` :class:`~actcap.data.filerows.FileRows` still in their file, read straight
+into the batch or the shuffle buffer that takes them (so each row is copied once);
 :func:`shuffled` passes rows through a buffer of at most a given number of rows, each emitted row
 a random one of it; :func:`batched` regroups rows into blocks of a given size;
 :func:`shuffled_list` does the bounded shuffle for whole samples. Used by
@@ -9,11 +11,15 @@ a random one of it; :func:`batched` regroups rows into blocks of a given size;
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sys
+import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from actcap.data.filerows import FileRows
 
 _CHUNK = 1 << 16
 """Rows emitted at once when the shuffle buffer drains at the end of a pass."""
@@ -23,10 +29,11 @@ _CHUNK = 1 << 16
 class Block:
     """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]``.
 
-    numpy arrays, whose small copies cost less than torch's; tensors only when rows go out.
+    numpy arrays, whose small copies cost less than torch's (tensors only when rows go out), or
+    for ``x`` rows still in their file.
     """
 
-    x: dict[str, np.ndarray]
+    x: dict[str, np.ndarray | FileRows]
     labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
@@ -35,17 +42,17 @@ class Block:
     def rows(self, index: slice | np.ndarray) -> Block:
         """A slice (a view) or a selection (a copy) of the rows."""
         return Block(
-            {s: t[index] for s, t in self.x.items()}, {k: v[index] for k, v in self.labels.items()}
+            {
+                s: _array(t)[index] if isinstance(index, np.ndarray) else t[index]
+                for s, t in self.x.items()
+            },
+            {k: v[index] for k, v in self.labels.items()},
         )
 
-    @staticmethod
-    def cat(blocks: Sequence[Block]) -> Block:
-        """The rows of several blocks, in order."""
-        first = blocks[0]
-        return Block(
-            {s: np.concatenate([b.x[s] for b in blocks]) for s in first.x},
-            {k: np.concatenate([b.labels[k] for b in blocks]) for k in first.labels},
-        )
+
+def _array(t: np.ndarray | FileRows) -> np.ndarray:
+    """Rows as an array (read, if still in their file)."""
+    return t.numpy() if isinstance(t, FileRows) else t
 
 
 class _Buffer:
@@ -66,9 +73,9 @@ class _Buffer:
         capacity = len(self.data)
         if self.count + n > capacity:
             grown = _empty_like(part, min(self.limit, max(2 * capacity, self.count + n)))
-            _put(grown, np.arange(self.count), self.data.rows(slice(0, self.count)))
+            _put(grown, slice(0, self.count), self.data.rows(slice(0, self.count)))
             self.data = grown
-        _put(self.data, np.arange(self.count, self.count + n), part)
+        _put(self.data, slice(self.count, self.count + n), part)
         self.count += n
 
     def swap(self, slots: np.ndarray, part: Block) -> Block:
@@ -94,9 +101,18 @@ def _empty_like(block: Block, n: int) -> Block:
     )
 
 
-def _put(into: Block, slots: np.ndarray, part: Block) -> None:
+def _put(into: Block, slots: slice | np.ndarray, part: Block) -> None:
+    """Copy ``part``'s rows to rows ``slots`` of ``into`` (arrays only).
+
+    Rows still in their file are read straight there when ``slots`` is a slice.
+    """
     for s, t in into.x.items():
-        t[slots] = part.x[s]
+        assert isinstance(t, np.ndarray)
+        rows = part.x[s]
+        if isinstance(rows, FileRows) and isinstance(slots, slice):
+            rows.read_into(t[slots])
+        else:
+            t[slots] = _array(rows)
     for k, v in into.labels.items():
         v[slots] = part.labels[k]
 
@@ -118,23 +134,96 @@ def shuffled(blocks: Iterator[Block], limit: int, rng: np.random.Generator) -> I
     yield from buffer.drain(rng)
 
 
-def batched(blocks: Iterator[Block], size: int) -> Iterator[Block]:
-    """The same rows, regrouped into blocks of ``size`` rows (the last may be smaller)."""
-    pending: list[Block] = []
-    count = 0
+class BatchMemory:
+    """Memory for batches, used again once nothing outside holds a batch handed out earlier.
+
+    A fresh batch of a few MB or more costs the kernel a page fault per page touched (as much as
+    reading its rows, measured in ``docs/performance.md``); so the last few batches' arrays are
+    kept, and one is filled again when its arrays are referenced by nothing but this pool
+    (CPython's reference counts: a tensor made with ``torch.from_numpy``, a view, a slice, an
+    array holding any of them all keep it). A batch the consumer still holds is never written:
+    new memory is taken instead. Off where reference counts do not say this (not CPython, or a
+    free-threaded build).
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        """``keep``: batches' memory kept for use again."""
+        self._keep = keep
+        self._blocks: list[Block] = []
+        self._free = _free_counts() if _COUNTS_KNOWN else None
+
+    def take(self, like: Block, n: int) -> Block:
+        """A block of ``n`` rows shaped like ``like``, neither it nor its arrays held elsewhere."""
+        layout, free = _layout(like, n), self._free
+        for block in self._blocks:
+            if free is not None and _layout(block) == layout:
+                count, most = _held(block)
+                if count <= free[0] and most <= free[1]:
+                    return block
+        block = _empty_like(like, n)
+        if self._free is not None and self._keep:
+            self._blocks = [*self._blocks[1 - self._keep :], block] if self._keep > 1 else [block]
+        return block
+
+
+_COUNTS_KNOWN = sys.implementation.name == "cpython" and not sysconfig.get_config_var(
+    "Py_GIL_DISABLED"
+)
+
+
+def _held(block: Block) -> tuple[int, int]:
+    """The reference counts of a block and of its most referenced array, as seen from here."""
+    return sys.getrefcount(block), max(
+        sys.getrefcount(a) for a in (*block.x.values(), *block.labels.values())
+    )
+
+
+def _free_counts() -> tuple[int, int]:
+    """What :func:`_held` says of a free block in :class:`BatchMemory`'s list.
+
+    Free: nothing else holds it nor its arrays. Measured the way ``take`` measures, since the
+    interpreter decides how many references its own calls take.
+    """
+    blocks = [Block({"x": np.empty((1, 1))}, {"y": np.empty(1)})]
     for block in blocks:
-        pending.append(block)
-        count += len(block)
-        if count < size:
-            continue
-        joined = Block.cat(pending)
-        cut = (count // size) * size
-        for start in range(0, cut, size):
-            yield joined.rows(slice(start, start + size))
-        pending = [joined.rows(slice(cut, count))] if cut < count else []
-        count -= cut
-    if count:
-        yield Block.cat(pending)
+        return _held(block)
+    raise AssertionError("unreachable")
+
+
+def _layout(block: Block, n: int | None = None) -> tuple[object, ...]:
+    """What a block's memory must match to be used for another: rows, and each column's form."""
+    return (
+        len(block) if n is None else n,
+        tuple((s, t.shape[1:], t.dtype) for s, t in block.x.items()),
+        tuple((k, v.dtype) for k, v in block.labels.items()),
+    )
+
+
+def batched(
+    blocks: Iterator[Block], size: int, memory: BatchMemory | None = None
+) -> Iterator[Block]:
+    """The same rows, regrouped into blocks of ``size`` rows (the last may be smaller).
+
+    Each batch is a block its rows are copied into once (read there, for rows still in their
+    file), from ``memory`` when given (see :class:`BatchMemory`); the last one is a view of the
+    first rows of one.
+    """
+    out: Block | None = None
+    filled = 0
+    for block in blocks:
+        start, n = 0, len(block)
+        while start < n:
+            if out is None:
+                out = memory.take(block, size) if memory is not None else _empty_like(block, size)
+            take = min(size - filled, n - start)
+            _put(out, slice(filled, filled + take), block.rows(slice(start, start + take)))
+            filled += take
+            start += take
+            if filled == size:
+                yield out
+                out, filled = None, 0
+    if out is not None and filled:
+        yield out.rows(slice(0, filled))
 
 
 def shuffled_list(items: Iterator[Any], limit: int, rng: np.random.Generator) -> Iterator[Any]:

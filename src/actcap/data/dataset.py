@@ -22,7 +22,10 @@ holds one sample plus the shuffle buffer whatever the size of the run.
   The same seed, epoch and worker count give the same order; :meth:`set_epoch` changes it.
 - **Batches**: ``batch_size=B`` yields ready batches (``x``: ``[B, hidden]``, labels as tensors
   or lists of str), to use with ``DataLoader(ds, batch_size=None)``: the fast path, with no
-  per-row Python work (see ``docs/performance.md``).
+  per-row Python work (see ``docs/performance.md``). Each row is read from its file straight
+  into its batch, and the memory of a batch the consumer no longer holds is filled again (the
+  dataset keeps that of its last three batches, across epochs:
+  :class:`~actcap.data.blocks.BatchMemory`); a batch still held is never written to.
 
 Samples that cannot be read (corrupt, truncated, missing a site) or whose rows of a site have
 another width than the run's first sample's are skipped with a warning, as analysis does, and
@@ -41,7 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from actcap.data.blocks import Block, batched, shuffled, shuffled_list
+from actcap.data.blocks import BatchMemory, Block, batched, shuffled, shuffled_list
+from actcap.data.filerows import FileRows
 from actcap.data.reader import PREFIX_PART, ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
@@ -165,6 +169,17 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         """``(sample id, why)`` of the samples this process skipped."""
         self.warn_skipped = warn_skipped
         self._num_rows: int | None = None
+        self._memory = BatchMemory()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a DataLoader worker gets: not the batches' memory (each process keeps its own)."""
+        state = self.__dict__.copy()
+        state["_memory"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._memory = BatchMemory()
 
     def _first_sites(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         """The sites of the first readable sample, and the width of each one's rows."""
@@ -275,7 +290,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         if self.shuffle_buffer:
             blocks = shuffled(blocks, self.shuffle_buffer, rng)
         if self.batch_size is not None:
-            for batch in batched(blocks, self.batch_size):
+            for batch in batched(blocks, self.batch_size, self._memory):
                 yield self._batch(batch)
             return
         for block in blocks:
@@ -283,9 +298,10 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
 
     def _read(
         self, indices: Sequence[int], join: bool = True
-    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each readable sample's arrays (its sites and token ids); others skipped, warned.
 
+        A site may come as :class:`~actcap.data.filerows.FileRows`, read (once) where it goes.
         ``join=False``: a sample on a shared prefix may come in two parts (see
         :data:`actcap.data.reader.PREFIX_PART`), each copied once where it goes.
         """
@@ -295,7 +311,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             for i in indices:
                 sid, _, path = self._samples[i]
                 try:
-                    _, arrays = read_arrays(path, names, files, join)
+                    _, arrays = read_arrays(path, names, files, join, lazy=True)
                 except FormatError as e:
                     self._skip(sid, str(e))
                     continue
@@ -333,17 +349,20 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         if self.warn_skipped:
             warnings.warn(f"sample {sample_id!r} skipped: {why}", stacklevel=3)
 
-    def _array(self, a: np.ndarray) -> np.ndarray:
-        """The array in the dtype asked for (float32 for bfloat16, which numpy has not).
+    def _array(self, a: np.ndarray | FileRows) -> np.ndarray | FileRows:
+        """The rows in the dtype asked for (float32 for bfloat16, which numpy has not).
 
-        Copied only for another dtype: a read-only view of the file stays one until it leaves
-        (:meth:`_tensor`), so that a batch or the shuffle buffer makes the one copy.
+        Copied only for another dtype: rows still in their file, or a read-only view of it, stay
+        so until they leave (:meth:`_tensor`), so that a batch or the shuffle buffer makes the
+        one copy.
         """
         want = _NUMPY.get(self.dtype, np.float32)
         return a if a.dtype == want else a.astype(want)
 
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
-        """An array from :meth:`_array` as a writable tensor of the dtype asked for."""
+    def _tensor(self, a: np.ndarray | FileRows) -> torch.Tensor:
+        """Rows from :meth:`_array` as a writable tensor of the dtype asked for."""
+        if isinstance(a, FileRows):
+            a = a.numpy()
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
@@ -367,17 +386,17 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 out[name] = i
         return out
 
-    def _sample_row(self, i: int, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def _sample_row(self, i: int, arrays: Mapping[str, Any]) -> dict[str, Any]:
         x = {s: self._tensor(self._array(arrays[s])) for s in self.sites}
         return {"x": x if len(x) > 1 else x[self.sites[0]], **self._sample_labels(i)}
 
-    def _token_blocks(self, i: int, arrays: Mapping[str, np.ndarray]) -> list[Block]:
+    def _token_blocks(self, i: int, arrays: Mapping[str, Any]) -> list[Block]:
         """Sample ``i``'s rows in one block, or two when its shared prefix rows come apart."""
         shared = [arrays[s + PREFIX_PART] for s in self.sites if s + PREFIX_PART in arrays]
         if len(shared) != len(self.sites):
             if shared:  # some sites apart, some not: join them all
                 arrays = {
-                    k: np.concatenate([arrays[k + PREFIX_PART], v])
+                    k: np.concatenate([arrays[k + PREFIX_PART], _numpy(v)])
                     if k + PREFIX_PART in arrays
                     else v
                     for k, v in arrays.items()
@@ -393,7 +412,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()}),
         ]
 
-    def _token_block(self, i: int, arrays: Mapping[str, np.ndarray], extra_rows: int = 0) -> Block:
+    def _token_block(self, i: int, arrays: Mapping[str, Any], extra_rows: int = 0) -> Block:
         """Sample ``i``'s rows: one per stored token (one for a stored last/mean vector).
 
         ``extra_rows``: rows before those in ``arrays`` (a shared prefix's, in a block of their
@@ -421,12 +440,22 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
 
     def _block_rows(self, block: Block) -> Iterator[dict[str, Any]]:
         """One dict per row, labels as Python scalars (the default collate stacks them)."""
-        columns = {k: v.tolist() for k, v in block.labels.items()}
-        xs = {s: self._tensor(a) for s, a in block.x.items()}
-        single = self.sites[0] if len(self.sites) == 1 else None
-        for j in range(len(block)):
-            x: Any = xs[single][j] if single else {s: t[j] for s, t in xs.items()}
-            yield {"x": x, **{k: v[j] for k, v in columns.items()}}
+        names = list(block.labels)
+        columns = [v.tolist() for v in block.labels.values()]
+        xs = {s: self._tensor(a).unbind(0) for s, a in block.x.items()}
+        rows: Any = (
+            xs[self.sites[0]]
+            if len(self.sites) == 1
+            else (dict(zip(xs, row, strict=True)) for row in zip(*xs.values(), strict=True))
+        )
+        if not names:
+            for x in rows:
+                yield {"x": x}
+            return
+        for x, *values in zip(rows, *columns, strict=True):
+            row = {"x": x}
+            row.update(zip(names, values, strict=True))
+            yield row
 
     def _batch(self, block: Block) -> dict[str, Any]:
         """A ready batch: labels as tensors, or lists of str (as the default collate makes)."""
@@ -436,6 +465,11 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         for k, v in block.labels.items():
             out[k] = v.tolist() if v.dtype.kind in "OU" else torch.from_numpy(v)
         return out
+
+
+def _numpy(a: np.ndarray | FileRows) -> np.ndarray:
+    """Rows as an array (read, if still in their file)."""
+    return a.numpy() if isinstance(a, FileRows) else a
 
 
 def _width(shape: Sequence[int]) -> tuple[int, ...]:
@@ -481,7 +515,7 @@ def _check_arguments(
         )
 
 
-def _rows_of(a: np.ndarray) -> int:
+def _rows_of(a: np.ndarray | FileRows) -> int:
     """Token rows of a stored site: one for a ``[hidden]`` vector."""
     return 1 if a.ndim == 1 else int(a.shape[0])
 

@@ -60,7 +60,9 @@ def open_fd(path: PathOrUrl, flags: int = 0) -> int:
         FormatError: When ``path`` is not a regular file.
         OSError: When it cannot be opened.
     """
-    fd = os.open(local_path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | flags)
+    text = os.fspath(path)
+    local = text[len("file://") :] if text.startswith("file://") else text
+    fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FormatError(f"{os.fspath(path)}: not a regular file; not read.")
