@@ -1,6 +1,7 @@
 """How the dataset's batches are filled: rows read from their file straight into the batch, and a
 batch's memory filled again only once nothing outside holds it."""
 
+import json
 import os
 import pickle
 import shutil
@@ -180,3 +181,32 @@ def test_a_pass_takes_new_memory_for_its_first_batches_only(run, monkeypatch):
     made.clear()
     assert sum(1 for _ in ds) == n
     assert made == []  # the next epoch too
+
+
+def test_two_iterators_of_one_dataset_at_once_get_the_same_rows(run):
+    ds = ActivationDataset(run, sites=["layer_1"], labels=["position"], batch_size=4)
+    pairs = 0
+    for a, b in zip(ds, ds, strict=True):
+        torch.testing.assert_close(a["x"], b["x"], rtol=0, atol=0)
+        assert a["x"].data_ptr() != b["x"].data_ptr()
+        pairs += 1
+    assert pairs >= 8
+
+
+def test_a_header_with_a_shape_of_floats_is_refused_not_read(run, tmp_path):
+    _, path = first_sample(run)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    rows, hidden = header["layer_1"]["shape"]
+    header["layer_1"]["shape"] = [float(rows), hidden]  # the same count of elements
+    text = json.dumps(header).encode()
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    target = out / path.relative_to(run)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    ds = ActivationDataset(out, sites=["layer_1"], batch_size=4, warn_skipped=False)
+    total = sum(len(b["x"]) for b in ds)
+    assert [sid for sid, _ in ds.skipped] == [first_sample(run)[0].id]
+    assert "layer_1" in ds.skipped[0][1]
+    assert total == len(expected_rows(run)) - rows

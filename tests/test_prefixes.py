@@ -437,3 +437,25 @@ def test_the_dataset_gives_a_prefixed_run_as_the_whole_run(tiny_lm, tmp_path, ba
     again = rows(tmp_path / "prefixed")  # the kept prefix rows were not written through
     for a, b in zip(again, shared, strict=True):
         assert torch.equal(a[3], b[3])
+
+
+def test_a_prefix_swapped_for_a_link_out_of_the_run_is_refused_after_a_good_read(tiny_lm, tmp_path):
+    """The check that a prefix lies inside its run runs once per version of the file: a link put
+    in its place later (another file) is checked again, and refused."""
+    out = tmp_path / "r"
+    _run(tiny_lm, out)
+    (prefix,) = (out / PREFIXES).iterdir()
+    entry, path = next(iter(open_run(out).sample_paths()))
+    good = load_activations(path)["activations"]["layer_0"]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(prefix.read_bytes())
+    prefix.unlink()
+    prefix.symlink_to(outside)
+    with pytest.raises(FormatError, match="prefix"):
+        load_activations(path)
+    from actcap.data import reader
+
+    for lazy in (False, True):
+        with pytest.raises(FormatError, match="prefix"):
+            reader.read_arrays(path, None, reader.ShardFiles(), lazy=lazy)
+    assert good.shape[0] > 0

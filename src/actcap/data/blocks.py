@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import sysconfig
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ _CHUNK = 1 << 16
 """Rows emitted at once when the shuffle buffer drains at the end of a pass."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Block:
     """Rows in columns: ``x`` per site ``[n, ...]`` and each label ``[n]``.
 
@@ -142,8 +143,9 @@ class BatchMemory:
     kept, and one is filled again when its arrays are referenced by nothing but this pool
     (CPython's reference counts: a tensor made with ``torch.from_numpy``, a view, a slice, an
     array holding any of them all keep it). A batch the consumer still holds is never written:
-    new memory is taken instead. Off where reference counts do not say this (not CPython, or a
-    free-threaded build).
+    new memory is taken instead. The block taken last stays held here until the next is taken,
+    so that two iterators (or threads) sharing the pool never get the same one. Off where
+    reference counts do not say this (not CPython, or a free-threaded build).
     """
 
     def __init__(self, keep: int = 3) -> None:
@@ -151,19 +153,31 @@ class BatchMemory:
         self._keep = keep
         self._blocks: list[Block] = []
         self._free = _free_counts() if _COUNTS_KNOWN else None
+        self._lock = threading.Lock()
+        self._last: Block | None = None
 
     def take(self, like: Block, n: int) -> Block:
         """A block of ``n`` rows shaped like ``like``, neither it nor its arrays held elsewhere."""
-        layout, free = _layout(like, n), self._free
+        with self._lock:
+            self._last = self._pick(_layout(like, n)) or _empty_like(like, n)
+            if (
+                self._free is not None
+                and self._keep
+                and all(b is not self._last for b in self._blocks)
+            ):
+                self._blocks = [*self._blocks[1 - self._keep :], self._last][-self._keep :]
+            return self._last
+
+    def _pick(self, layout: tuple[object, ...]) -> Block | None:
+        free = self._free
+        if free is None:
+            return None
         for block in self._blocks:
-            if free is not None and _layout(block) == layout:
+            if _layout(block) == layout:
                 count, most = _held(block)
                 if count <= free[0] and most <= free[1]:
                     return block
-        block = _empty_like(like, n)
-        if self._free is not None and self._keep:
-            self._blocks = [*self._blocks[1 - self._keep :], block] if self._keep > 1 else [block]
-        return block
+        return None
 
 
 _COUNTS_KNOWN = sys.implementation.name == "cpython" and not sysconfig.get_config_var(

@@ -24,7 +24,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -85,14 +84,15 @@ def prefix_location(sample_location: str | os.PathLike[str], key: str) -> str:
     if is_url(text):
         root, folder, _ = text.rstrip("/").rsplit("/", 2)
     else:
-        folder, root = Path(text).parent.name, str(Path(text).parent.parent)
+        parent = os.path.dirname(text)
+        folder, root = os.path.basename(parent), os.path.dirname(parent) or "."
     if folder not in (SAMPLES, SHARDS):
         raise FormatError(
             f"{text}: its first token rows are in its run's shared prefix, and it lies outside a "
             f"run's {SAMPLES}/ or {SHARDS}/ folder, so that prefix cannot be found. Read it in its "
             "run, or save a copy of its own from there with save_activations (every row)."
         )
-    return f"{root}/{PREFIXES}/{name}" if is_url(text) else str(Path(root) / PREFIXES / name)
+    return f"{root}/{PREFIXES}/{name}" if is_url(text) else os.path.join(root, PREFIXES, name)
 
 
 def shareable_rows(

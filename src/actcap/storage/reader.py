@@ -361,11 +361,15 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
     """
     where = prefix_location(sample, key)
     try:
-        run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
         st = os.stat(where)
+        identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if identity not in _INSIDE_RUNS:  # checked once per version of the file, not per sample
+            run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
+            _INSIDE_RUNS[identity] = None
+            while len(_INSIDE_RUNS) > _SOUND_LIMIT:
+                _INSIDE_RUNS.popitem(last=False)
     except (UnsafePathError, OSError) as e:
         raise FormatError(f"{sample}: its shared prefix cannot be used ({e}).") from None
-    identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     out = {}
     for site in sites:
 
@@ -382,6 +386,8 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
     return out
 
 
+_INSIDE_RUNS: OrderedDict[tuple[object, ...], None] = OrderedDict()
+"""Prefix files (by path and identity) found to lie inside their run, no link leading out."""
 _SOUND_PREFIXES: OrderedDict[tuple[object, ...], tuple[int, ...]] = OrderedDict()
 """Prefix files found sound (by identity), with their token ids: checked once, not per sample."""
 _SOUND_LIMIT = 256
