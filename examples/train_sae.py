@@ -45,9 +45,13 @@ def main() -> None:
     args = parser.parse_args()
 
     ds = ActivationDataset(
-        args.run, sites=[args.site], rows="tokens", shuffle_buffer=args.shuffle_buffer
+        args.run,
+        sites=[args.site],
+        rows="tokens",
+        shuffle_buffer=args.shuffle_buffer,
+        batch_size=args.batch_size,  # ready batches: the fast form (docs/performance.md)
     )
-    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    loader = DataLoader(ds, batch_size=None, num_workers=args.workers)
     hidden = next(iter(loader))["x"].shape[-1]
     sae = SparseAutoencoder(hidden, args.expansion * hidden)
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)

@@ -4,7 +4,9 @@ Every whole-run pass (analysis, the training dataset) reads through :func:`read_
 in a local shard is read with ``pread`` from a shard kept open for the pass, with the same checks as
 :class:`~actcap.storage.ActivationFile`; a local file is memory-mapped after one read of its
 header (actcap's metadata checked, each tensor read inside the file), so that the caller's copy is
-the only one; any other sample (a shard at a URL, a dtype numpy has not, a shared prefix, a file
+the only one; with ``lazy=True`` (the dataset) a site of a local file or shard comes as
+:class:`~actcap.data.filerows.FileRows` instead, read once, straight where the caller puts it;
+any other sample (a shard at a URL, a dtype numpy has not, a shared prefix of a shard, a file
 whose header this path cannot use) through :class:`~actcap.storage.ActivationFile`, which also
 says why a bad file is bad.
 """
