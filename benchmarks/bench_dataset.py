@@ -179,6 +179,12 @@ def main() -> None:
                 best[name] = (took, rows, nbytes)
     print(
         f"{args.run}: {len(tokens.samples)} samples, sites {', '.join(sites)}, best of {args.rounds}"
+        + (
+            " (a shared prefix: 'raw safetensors' reads each sample's own rows only; compare "
+            "with 'of raw joined', which reads every row the dataset delivers)"
+            if prefixed
+            else ""
+        )
     )
     raw_mbs = best["raw safetensors"][2] / best["raw safetensors"][0] / 1e6
     joined = best.get("raw, prefix joined")

@@ -60,11 +60,11 @@ class OpenFile:
                 )
             done += got
 
-    def close(self) -> None:
-        """Close the descriptor now (idempotent)."""
+    def close(self, _close: Any = os.close) -> None:
+        """Close the descriptor now (idempotent; ``os.close`` bound early, for interpreter exit)."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            _close(fd)
 
     def __del__(self) -> None:
         self.close()
