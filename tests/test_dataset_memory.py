@@ -210,3 +210,68 @@ def test_a_header_with_a_shape_of_floats_is_refused_not_read(run, tmp_path):
     assert [sid for sid, _ in ds.skipped] == [first_sample(run)[0].id]
     assert "layer_1" in ds.skipped[0][1]
     assert total == len(expected_rows(run)) - rows
+
+
+def _rewrite_header(run, tmp_path, change):
+    """A copy of ``run`` whose first sample's header is changed by ``change(header)``."""
+    _, path = first_sample(run)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    target = out / path.relative_to(run)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    return out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda h: h["layer_1"].update(
+            data_offsets=[float(o) for o in h["layer_1"]["data_offsets"]]
+        ),
+        lambda h: h["layer_1"].update(dtype=["F32"]),
+        lambda h: h["layer_1"].update(data_offsets=[True, h["layer_1"]["data_offsets"][1]]),
+    ],
+    ids=["float offsets", "dtype a list", "bool offset"],
+)
+@pytest.mark.parametrize("how", [{"batch_size": 4}, {}, {"rows": "samples"}, {"shuffle_buffer": 5}])
+def test_a_crafted_header_skips_its_sample_in_every_mode(run, tmp_path, change, how):
+    out = _rewrite_header(run, tmp_path, change)
+    ds = ActivationDataset(out, sites=["layer_1"], warn_skipped=False, **how)
+    got = list(ds)
+    assert [sid for sid, _ in ds.skipped] == [first_sample(run)[0].id]
+    assert got
+
+
+def test_a_sample_of_zero_rows_gives_none_in_every_mode(run, tmp_path):
+    from safetensors.numpy import save_file
+
+    _, path = first_sample(run)
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    with ActivationFile(path) as f:
+        hidden = f.shape("layer_1")[1]
+    save_file(
+        {
+            "layer_0": np.zeros((0, hidden), np.float32),
+            "layer_1": np.zeros((0, hidden), np.float32),
+        },
+        str(out / path.relative_to(run)),
+        metadata={"format": "actcap", "format_version": "1", "dtype": "float32"},
+    )
+    want = len(expected_rows(run)) - len(load_site(path))
+    for how in ({"batch_size": 4}, {}, {"shuffle_buffer": 5}):
+        ds = ActivationDataset(out, sites=["layer_1"], warn_skipped=False, **how)
+        rows = [b["x"] for b in ds]
+        assert sum(len(r) if r.dim() > 1 else 1 for r in rows) == want, how
+
+
+def test_a_batch_size_beyond_the_run_asks_only_for_the_rows_there(run):
+    ds = ActivationDataset(run, sites=["layer_1"], labels=["category"], batch_size=10**9)
+    (batch,) = list(ds)
+    assert len(batch["x"]) == len(expected_rows(run))
+    assert batch["x"].untyped_storage().nbytes() < 64 << 20  # not 10**9 rows

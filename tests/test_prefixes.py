@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -445,17 +446,45 @@ def test_a_prefix_swapped_for_a_link_out_of_the_run_is_refused_after_a_good_read
     out = tmp_path / "r"
     _run(tiny_lm, out)
     (prefix,) = (out / PREFIXES).iterdir()
+    from actcap.data import reader
+
     entry, path = next(iter(open_run(out).sample_paths()))
-    good = load_activations(path)["activations"]["layer_0"]
+    good = reader.read_arrays(path, None, reader.ShardFiles())[1]["layer_0"]  # checked, kept
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes(prefix.read_bytes())
     prefix.unlink()
     prefix.symlink_to(outside)
     with pytest.raises(FormatError, match="prefix"):
         load_activations(path)
-    from actcap.data import reader
-
     for lazy in (False, True):
         with pytest.raises(FormatError, match="prefix"):
             reader.read_arrays(path, None, reader.ShardFiles(), lazy=lazy)
     assert good.shape[0] > 0
+
+
+def test_a_prefix_link_to_a_file_checked_in_another_run_is_refused(tiny_lm, tmp_path, monkeypatch):
+    """Run B, read by the same relative path as run A before it, has its prefix as a link to A's
+    (the file the check let through for A): B's is checked again, and refused."""
+    from actcap.data import reader
+
+    def fast(path):
+        return reader.read_arrays(path, None, reader.ShardFiles(), lazy=True)
+
+    _run(tiny_lm, tmp_path / "a" / "run")
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    (prefix,) = (tmp_path / "b" / "run" / PREFIXES).iterdir()
+    prefix.unlink()
+    prefix.symlink_to(tmp_path / "a" / "run" / PREFIXES / prefix.name)
+    monkeypatch.chdir(tmp_path / "a")
+    first = next(iter(open_run("run").sample_paths()))[1]
+    assert fast(first)[1]["layer_0"].shape[0] > 0  # A's prefix checked, and kept
+    monkeypatch.chdir(tmp_path / "b")
+    again = next(iter(open_run("run").sample_paths()))[1]
+    with pytest.raises(FormatError, match="leads out of the run"):
+        fast(again)
+    # the prefixes folder a link to A's: refused the same way
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(tmp_path / "b" / "run" / PREFIXES)
+    (tmp_path / "b" / "run" / PREFIXES).symlink_to(tmp_path / "a" / "run" / PREFIXES)
+    with pytest.raises(FormatError, match="leads out of the run"):
+        fast(tmp_path / "b" / again)

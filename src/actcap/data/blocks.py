@@ -220,24 +220,40 @@ def batched(
 
     Each batch is a block its rows are copied into once (read there, for rows still in their
     file), from ``memory`` when given (see :class:`BatchMemory`); the last one is a view of the
-    first rows of one.
+    first rows of one. A batch of more than :data:`_FIRST_ROWS` rows starts smaller and doubles
+    as rows come, until the first full batch (a run smaller than ``size`` never asks for it).
     """
     out: Block | None = None
-    filled = 0
+    filled = capacity = 0
+    whole = size <= _FIRST_ROWS  # whether a batch is made at its full size at once
     for block in blocks:
         start, n = 0, len(block)
         while start < n:
             if out is None:
-                out = memory.take(block, size) if memory is not None else _empty_like(block, size)
-            take = min(size - filled, n - start)
+                capacity = size if whole else min(size, max(n - start, _FIRST_ROWS))
+                out = _new(block, capacity, memory if capacity == size else None)
+            elif filled == capacity:
+                capacity = min(size, 2 * capacity)
+                grown = _new(block, capacity, memory if capacity == size else None)
+                _put(grown, slice(0, filled), out.rows(slice(0, filled)))
+                out = grown
+            take = min(capacity - filled, n - start)
             _put(out, slice(filled, filled + take), block.rows(slice(start, start + take)))
             filled += take
             start += take
             if filled == size:
                 yield out
-                out, filled = None, 0
+                out, filled, whole = None, 0, True
     if out is not None and filled:
         yield out.rows(slice(0, filled))
+
+
+_FIRST_ROWS = 1 << 16
+"""Rows a batch larger than this starts with (see :func:`batched`)."""
+
+
+def _new(like: Block, n: int, memory: BatchMemory | None) -> Block:
+    return memory.take(like, n) if memory is not None else _empty_like(like, n)
 
 
 def shuffled_list(items: Iterator[Any], limit: int, rng: np.random.Generator) -> Iterator[Any]:

@@ -29,11 +29,16 @@ holds one sample plus the shuffle buffer whatever the size of the run.
 
 Samples that cannot be read (corrupt, truncated, missing a site) or whose rows of a site have
 another width than the run's first sample's are skipped with a warning, as analysis does, and
-listed in :attr:`ActivationDataset.skipped` (of the process that read them).
+listed in :attr:`ActivationDataset.skipped` (of the process that read them). A sample file is
+read through the descriptor its header was checked on: one replaced meanwhile (as a resume
+replaces a sample, by a rename) is read as it was; one cut short in place while its rows are read
+stops the pass with a :class:`~actcap.errors.FormatError` naming it (some of its rows may be in
+a batch already given out).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -409,7 +414,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         n_shared = _rows_of(shared[0])
         own = {k: v for k, v in arrays.items() if not k.endswith(PREFIX_PART)}
         whole = self._token_block(i, own, extra_rows=n_shared)
-        head = {s: self._array(arrays[s + PREFIX_PART].reshape(n_shared, -1)) for s in self.sites}
+        head = {s: self._array(_as_rows(arrays[s + PREFIX_PART], n_shared)) for s in self.sites}
         return [
             Block(head, {k: v[:n_shared] for k, v in whole.labels.items()}),
             Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()}),
@@ -424,7 +429,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         first = arrays[self.sites[0]]
         n_own = _rows_of(first)
         n = n_own + extra_rows
-        x = {s: self._array(arrays[s].reshape(n_own, -1)) for s in self.sites}
+        x = {s: self._array(_as_rows(arrays[s], n_own)) for s in self.sites}
         labels = {
             k: np.full(n, v, dtype=object if isinstance(v, str) else None)
             for k, v in self._sample_labels(i).items()
@@ -473,6 +478,11 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
 def _numpy(a: np.ndarray | FileRows) -> np.ndarray:
     """Rows as an array (read, if still in their file)."""
     return a.numpy() if isinstance(a, FileRows) else a
+
+
+def _as_rows(a: np.ndarray | FileRows, n: int) -> np.ndarray | FileRows:
+    """A stored site as ``n`` rows of one vector each (``[hidden]`` is one row; zero rows too)."""
+    return a.reshape(n, math.prod(a.shape[1:]) if a.ndim > 1 else a.shape[0])
 
 
 def _width(shape: Sequence[int]) -> tuple[int, ...]:

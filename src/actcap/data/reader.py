@@ -191,8 +191,8 @@ def _safetensors_arrays(
             dtype = np.dtype(_NUMPY_DTYPES[info["dtype"]])
             begin, end = info["data_offsets"]
             shape = tuple(info["shape"])
-            if not all(type(d) is int and d >= 0 for d in shape):
-                return None
+            if not all(type(d) is int and d >= 0 for d in (begin, end, *shape)):
+                return None  # floats, bools, negatives: ActivationFile says what is wrong
             count = math.prod(shape)
             if not 0 <= begin <= end <= length - start or end - begin != count * dtype.itemsize:
                 return None

@@ -133,6 +133,7 @@ def parse_header(read: Callable[[int, int], bytes], size: int, label: str) -> di
             and offsets[0] <= offsets[1]
             and isinstance(shape, list)
             and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(dtype, str)
             and dtype in DTYPE_BYTES
         ):
             raise FormatError(f"{label}: corrupt entry for tensor {name!r} in the header.")

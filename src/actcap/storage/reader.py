@@ -363,9 +363,18 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
     try:
         st = os.stat(where)
         identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if identity not in _INSIDE_RUNS:  # checked once per version of the file, not per sample
+        # Checked once per version of the file, not per sample: the key holds what the check
+        # saw (the folder and the name, not followed: a link is an inode of its own).
+        folder, name = os.lstat(os.path.dirname(where)), os.lstat(where)
+        inside = (
+            os.path.abspath(where),
+            *identity[1:],
+            (folder.st_dev, folder.st_ino, folder.st_mode),
+            (name.st_dev, name.st_ino, name.st_mode),
+        )
+        if inside not in _INSIDE_RUNS:
             run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
-            _INSIDE_RUNS[identity] = None
+            _INSIDE_RUNS[inside] = None
             while len(_INSIDE_RUNS) > _SOUND_LIMIT:
                 _INSIDE_RUNS.popitem(last=False)
     except (UnsafePathError, OSError) as e:
@@ -387,7 +396,8 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
 
 
 _INSIDE_RUNS: OrderedDict[tuple[object, ...], None] = OrderedDict()
-"""Prefix files (by path and identity) found to lie inside their run, no link leading out."""
+"""Prefix files found to lie inside their run, no link leading out: by absolute path, the file's
+identity, and the identities of its folder and name as they were (not followed) when checked."""
 _SOUND_PREFIXES: OrderedDict[tuple[object, ...], tuple[int, ...]] = OrderedDict()
 """Prefix files found sound (by identity), with their token ids: checked once, not per sample."""
 _SOUND_LIMIT = 256
