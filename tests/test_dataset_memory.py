@@ -275,3 +275,27 @@ def test_a_batch_size_beyond_the_run_asks_only_for_the_rows_there(run):
     (batch,) = list(ds)
     assert len(batch["x"]) == len(expected_rows(run))
     assert batch["x"].untyped_storage().nbytes() < 64 << 20  # not 10**9 rows
+
+
+def test_a_run_whose_samples_folder_leads_out_says_so(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    shutil.move(out / "samples", tmp_path / "elsewhere")
+    (out / "samples").symlink_to(tmp_path / "elsewhere")
+    with pytest.warns(UserWarning), pytest.raises(FormatError, match="corrupt") as e:
+        ActivationDataset(out, sites=["layer_1"])
+    assert "--no-capture" not in str(e.value)
+
+
+def test_token_ids_of_more_dimensions_than_numpy_has_skip_their_sample(run, tmp_path):
+    def change(header):
+        ids = header["input_ids"]
+        ids["shape"] = [*ids["shape"], *([1] * 80)]
+
+    out = _rewrite_header(run, tmp_path, change)
+    for how in ({"batch_size": 4}, {}):
+        ds = ActivationDataset(
+            out, sites=["layer_1"], labels=["token_id"], warn_skipped=False, **how
+        )
+        assert list(ds)
+        assert [sid for sid, _ in ds.skipped] == [first_sample(run)[0].id]

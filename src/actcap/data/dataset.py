@@ -140,7 +140,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 :attr:`skipped` either way).
 
         Raises:
-            FormatError: When ``run`` is no run directory.
+            FormatError: When ``run`` is no run directory, or no manifest line of it can be used
+                (each one corrupt, or leading out of the run).
             NoActivationsError: When the run has no activations (``--no-capture``, no sample yet).
             UnknownNameError: An unknown site, label, rows or dtype value (the message lists
                 the valid ones), or a buffer, seed, batch size, rank or world size that is no
@@ -154,6 +155,11 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self.corrupt = list(info.corrupt)
         """``(sample id, why)`` of manifest lines left out as corrupt."""
         if not self._samples:
+            if self.corrupt:
+                raise FormatError(
+                    f"{self.run}: no sample can be read: {len(self.corrupt):,} manifest line(s) "
+                    f"are corrupt (first: {self.corrupt[0][1].rstrip('.')})."
+                )
             raise NoActivationsError(_no_activations(self.run, len(info.entries)))
         if rows not in ("tokens", "samples"):
             raise UnknownNameError(f"rows={rows!r}: use 'tokens' or 'samples'.")

@@ -297,7 +297,13 @@ def _file_arrays(
     with ActivationFile(path) as f:
         names = f.sites
         wanted = names if names_wanted is None else [s for s in names_wanted if s in f.names]
-        return names, {s: _as_numpy(f, s) for s in wanted}
+        arrays = {}
+        for s in wanted:
+            try:
+                arrays[s] = _as_numpy(f, s)
+            except (ValueError, RuntimeError, TypeError) as e:  # e.g. more dimensions than numpy's
+                raise FormatError(f"{path}: tensor {s!r} cannot be read ({e}).") from None
+        return names, arrays
 
 
 def _as_numpy(f: ActivationFile, name: str) -> np.ndarray:
