@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -488,3 +489,44 @@ def test_a_prefix_link_to_a_file_checked_in_another_run_is_refused(tiny_lm, tmp_
     (tmp_path / "b" / "run" / PREFIXES).symlink_to(tmp_path / "a" / "run" / PREFIXES)
     with pytest.raises(FormatError, match="leads out of the run"):
         fast(tmp_path / "b" / again)
+
+
+@pytest.mark.parametrize("storage", ["files", "shards"])
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_the_dataset_can_leave_out_the_shared_prefix_rows(tiny_lm, tmp_path, storage, batch_size):
+    from actcap.data import ActivationDataset
+
+    out = tmp_path / "prefixed"
+    _run(tiny_lm, out, storage=storage)
+    want = []  # (id, position, row) of each sample's own rows, from load_activations
+    for e, path in open_run(out).sample_paths():
+        data = load_activations(path)
+        k = int(data["metadata"]["prefix_tokens"])
+        assert k > 16
+        x = data["activations"]["layer_1"]
+        want += [(e.id, p, x[p]) for p in range(k, x.shape[0])]
+    ds = ActivationDataset(
+        out,
+        sites=["layer_1"],
+        labels=["id", "position"],
+        batch_size=batch_size,
+        shared_prefix=False,
+    )
+    got = []
+    for item in ds:
+        if batch_size is None:
+            got.append((item["id"], item["position"], item["x"]))
+        else:
+            got += [
+                (item["id"][j], int(item["position"][j]), item["x"][j])
+                for j in range(len(item["id"]))
+            ]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g[2], w[2], rtol=0, atol=0)
+    assert ds.num_rows() == len(want)
+    samples = ActivationDataset(out, sites=["layer_1"], rows="samples", shared_prefix=False)
+    own = Counter(w[0] for w in want)
+    for row, e in zip(samples, open_run(out).entries, strict=True):
+        assert row["x"].shape[0] == own[e.id]
+    assert len(ActivationDataset(out, sites=["layer_1"]).samples) == len(own)

@@ -13,6 +13,8 @@ holds one sample plus the shuffle buffer whatever the size of the run.
   place in the manifest), and with ``rows="tokens"``: ``position`` (the token's index in the
   sample; -1 for a stored ``last``/``mean`` vector) and ``token_id`` (from the stored
   ``input_ids`` then ``output_ids``; -1 when unknown).
+- **Shared prefixes**: a sample stored on its run's shared prefix gives its rows whole, the
+  prefix's first, unless ``shared_prefix=False``, which leaves out the rows the prefix holds.
 - **Splitting**: samples are dealt round-robin over every (rank, DataLoader worker) pair, so each
   sample is read by exactly one of them. The rank comes from ``rank=``/``world_size=``, else from
   ``torch.distributed`` when it is initialized.
@@ -116,6 +118,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         dtype: torch.dtype | str | None = None,
         *,
         batch_size: int | None = None,
+        shared_prefix: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
         warn_skipped: bool = True,
@@ -133,6 +136,9 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             dtype: Dtype of ``x`` (``torch.float32`` by default; ``float16``, ``bfloat16``...).
             batch_size: Yield batches of this many rows (``rows="tokens"`` only); use with
                 ``DataLoader(ds, batch_size=None)``.
+            shared_prefix: ``False`` leaves out the rows each sample shares with its run's
+                shared prefix (the same few-shot examples in every sample of a group), where
+                the run stored one; ``position`` labels stay the sample's token indices.
             rank: This process's rank (with ``world_size``); by default ``torch.distributed``'s
                 when initialized, else 0.
             world_size: Processes splitting the run.
@@ -177,6 +183,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self.seed = seed
         self.dtype = _dtype(dtype)
         self.batch_size = batch_size
+        self.shared_prefix = bool(shared_prefix)
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
@@ -257,7 +264,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
                 for _, _, path in self._samples:
                     try:
                         with ActivationFile(path) as f:
-                            shape = f.shape(site) if site in f.names else ()
+                            own = not self.shared_prefix
+                            shape = f.shape(site, own=own) if site in f.names else ()
                     except FormatError:
                         continue
                     total += 1 if len(shape) == 1 else (shape[0] if shape else 0)
@@ -290,7 +298,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         rng = np.random.default_rng([self.seed, self.epoch, part])
         if self.rows == "samples":
             items: Iterator[dict[str, Any]] = (
-                self._sample_row(i, a) for i, a in self._read(self.sample_indices())
+                self._sample_row(i, a)
+                for i, a in self._read(self.sample_indices(), join=self.shared_prefix)
             )
             if self.shuffle_buffer:
                 items = shuffled_list(items, self.shuffle_buffer, rng)
@@ -420,6 +429,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         n_shared = _rows_of(shared[0])
         own = {k: v for k, v in arrays.items() if not k.endswith(PREFIX_PART)}
         whole = self._token_block(i, own, extra_rows=n_shared)
+        if not self.shared_prefix:
+            return [Block(whole.x, {k: v[n_shared:] for k, v in whole.labels.items()})]
         head = {s: self._array(_as_rows(arrays[s + PREFIX_PART], n_shared)) for s in self.sites}
         return [
             Block(head, {k: v[:n_shared] for k, v in whole.labels.items()}),

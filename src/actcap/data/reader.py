@@ -291,18 +291,27 @@ def _join_prefix(
 
 
 def _file_arrays(
-    path: Path | ShardSlice, names_wanted: Sequence[str] | None
+    path: Path | ShardSlice, names_wanted: Sequence[str] | None, join: bool = True
 ) -> tuple[list[str], dict[str, np.ndarray]]:
-    """A sample's sites and arrays through :class:`ActivationFile` (files, URLs, any dtype)."""
+    """A sample's sites and arrays through :class:`ActivationFile` (files, URLs, any dtype).
+
+    ``join=False``: a site whose first rows are a shared prefix's comes in two parts
+    (:data:`PREFIX_PART`), as from the fast path.
+    """
     with ActivationFile(path) as f:
         names = f.sites
         wanted = names if names_wanted is None else [s for s in names_wanted if s in f.names]
+        shared = 0 if join else f.prefix_tokens
         arrays = {}
         for s in wanted:
             try:
-                arrays[s] = _as_numpy(f, s)
+                a = _as_numpy(f, s)
             except (ValueError, RuntimeError, TypeError) as e:  # e.g. more dimensions than numpy's
                 raise FormatError(f"{path}: tensor {s!r} cannot be read ({e}).") from None
+            if shared and s not in ID_TENSORS and a.ndim > 1:
+                arrays[s + PREFIX_PART], arrays[s] = a[:shared], a[shared:]
+            else:
+                arrays[s] = a
         return names, arrays
 
 
@@ -338,4 +347,4 @@ def read_arrays(
             got = _slice_arrays(path, files, names, lazy)
     elif not is_url(path):
         got = _safetensors_arrays(path if isinstance(path, Path) else Path(path), names, join, lazy)
-    return got if got is not None else _file_arrays(path, names)
+    return got if got is not None else _file_arrays(path, names, join)
