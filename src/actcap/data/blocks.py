@@ -159,7 +159,9 @@ class BatchMemory:
     def take(self, like: Block, n: int) -> Block:
         """A block of ``n`` rows shaped like ``like``, neither it nor its arrays held elsewhere."""
         with self._lock:
-            self._last = self._pick(_layout(like, n)) or _empty_like(like, n)
+            picked = self._pick(_layout(like, n))
+            self._last = picked if picked is not None else _empty_like(like, n)
+            del picked
             if (
                 self._free is not None
                 and self._keep
