@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +531,45 @@ def test_the_dataset_can_leave_out_the_shared_prefix_rows(tiny_lm, tmp_path, sto
     for row, e in zip(samples, open_run(out).entries, strict=True):
         assert row["x"].shape[0] == own[e.id]
     assert len(ActivationDataset(out, sites=["layer_1"]).samples) == len(own)
+
+
+def test_a_prefix_through_a_link_inside_the_run_is_checked_every_time(tiny_lm, tmp_path):
+    """A prefix that is a link to a folder inside the run reads; once that folder becomes a link
+    out of the run, the same process refuses it (the link is followed anew, not cached)."""
+    from actcap.data import reader
+
+    out = tmp_path / "run"
+    _run(tiny_lm, out)
+    (prefix,) = (out / PREFIXES).iterdir()
+    (out / "inner").mkdir()
+    prefix.rename(out / "inner" / prefix.name)
+    prefix.symlink_to(Path("..") / "inner" / prefix.name)
+    path = next(iter(open_run(out).sample_paths()))[1]
+    fast = reader.read_arrays(path, None, reader.ShardFiles(), lazy=True)[1]
+    assert fast["layer_0"].shape[0] > 0 or "layer_0@prefix" in fast
+    shutil.move(out / "inner", tmp_path / "inner")
+    (out / "inner").symlink_to(tmp_path / "inner")
+    with pytest.raises(FormatError, match="leads out of the run"):
+        reader.read_arrays(path, None, reader.ShardFiles(), lazy=True)
+
+
+def test_num_rows_leaves_out_samples_whose_prefix_is_missing(tiny_lm, tmp_path):
+    from actcap.data import ActivationDataset
+
+    out = tmp_path / "run"
+    _run(tiny_lm, out)
+    shutil.rmtree(out / PREFIXES)
+    for shared in (True, False):
+        ds = ActivationDataset(out, sites=["layer_0"], shared_prefix=shared, warn_skipped=False)
+        assert ds.num_rows() == 0 == sum(1 for _ in ds)
+
+
+@pytest.mark.parametrize("value", ["false", 0, None, [], 1])
+def test_shared_prefix_takes_a_bool_only(tiny_lm, tmp_path, value):
+    from actcap.data import ActivationDataset
+    from actcap.errors import UnknownNameError
+
+    out = tmp_path / "run"
+    _run(tiny_lm, out, n=2)
+    with pytest.raises(UnknownNameError, match="shared_prefix"):
+        ActivationDataset(out, shared_prefix=value)

@@ -57,6 +57,7 @@ from actcap.data.reader import PREFIX_PART, ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
 from actcap.storage.format import ID_TENSORS, ShardSlice
+from actcap.storage.reader import prefix_fault
 
 Rows = Literal["tokens", "samples"]
 LABELS = (
@@ -170,6 +171,8 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         if rows not in ("tokens", "samples"):
             raise UnknownNameError(f"rows={rows!r}: use 'tokens' or 'samples'.")
         _check_arguments(shuffle_buffer, seed, batch_size, rank, world_size)
+        if not isinstance(shared_prefix, bool):
+            raise UnknownNameError(f"shared_prefix={shared_prefix!r}: use True or False.")
         if batch_size is not None and rows != "tokens":
             raise UnknownNameError(
                 f"batch_size={batch_size}: only with rows='tokens' (samples differ in length; "
@@ -183,7 +186,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         self.seed = seed
         self.dtype = _dtype(dtype)
         self.batch_size = batch_size
-        self.shared_prefix = bool(shared_prefix)
+        self.shared_prefix = shared_prefix
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
@@ -253,7 +256,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
     def num_rows(self) -> int:
         """Rows of the whole run (all ranks and workers); reads every sample's header once.
 
-        Samples that cannot be read are not counted.
+        Samples that cannot be read (their header, or their run's shared prefix) are not counted.
         """
         if self._num_rows is None:
             if self.rows == "samples":
@@ -261,7 +264,14 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             else:
                 total = 0
                 site = self.sites[0]
-                for _, _, path in self._samples:
+                faults: dict[str, str | None] = {}  # per shared prefix: why it cannot be used
+                for _, record, path in self._samples:
+                    key = record.get("prefix")
+                    if isinstance(key, str):
+                        if key not in faults:
+                            faults[key] = prefix_fault(self.run, key)
+                        if faults[key] is not None:
+                            continue  # skipped when read
                     try:
                         with ActivationFile(path) as f:
                             own = not self.shared_prefix

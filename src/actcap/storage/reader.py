@@ -8,6 +8,7 @@ same way.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -364,16 +365,19 @@ def shared_rows(sample: Path, key: str, n: int, sites: Sequence[str]) -> dict[st
         st = os.stat(where)
         identity = (where, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         # Checked once per version of the file, not per sample: the key holds what the check
-        # saw (the folder and the name, not followed: a link is an inode of its own).
+        # saw (the folder and the name, not followed). A prefix reached through a link, even
+        # one inside the run, is checked every time (where the link leads may change).
         folder, name = os.lstat(os.path.dirname(where)), os.lstat(where)
+        linked = stat.S_ISLNK(folder.st_mode) or stat.S_ISLNK(name.st_mode)
         inside = (
             os.path.abspath(where),
             *identity[1:],
-            (folder.st_dev, folder.st_ino, folder.st_mode),
-            (name.st_dev, name.st_ino, name.st_mode),
+            (folder.st_dev, folder.st_ino),
+            (name.st_dev, name.st_ino),
         )
-        if inside not in _INSIDE_RUNS:
+        if linked or inside not in _INSIDE_RUNS:
             run_path(str(Path(where).parent.parent), f"prefixes/{prefix_filename(key)}")
+        if not linked and inside not in _INSIDE_RUNS:
             _INSIDE_RUNS[inside] = None
             while len(_INSIDE_RUNS) > _SOUND_LIMIT:
                 _INSIDE_RUNS.popitem(last=False)
