@@ -5,8 +5,8 @@
 The raw read opens each sample with safetensors and reads the same tensors the dataset delivers:
 ``safe_open(path, framework="numpy").get_tensor(site)`` for a file per sample (an array of its
 own: one copy out of the file; ``framework="pt"`` would hand out a copy-on-write map of the file,
-which reads nothing until used), ``safetensors.torch.load`` of the sample's bytes for a shard. The dataset is timed as a training loop reads it: rows of tokens
-through a ``DataLoader`` (``batch_size`` rows collated per batch), ready batches
+which reads nothing until used), ``safetensors.numpy.load`` of the sample's bytes for a shard.
+The dataset is timed as a training loop reads it: rows of tokens through a ``DataLoader`` (``batch_size`` rows collated per batch), ready batches
 (``ActivationDataset(batch_size=...)`` with ``DataLoader(batch_size=None)``), and one row per
 sample. Each round times every reader once, in turn (interleaved), after a warm-up pass that
 puts the files in the page cache; the best round of each is reported, with the ratio of its
@@ -26,14 +26,38 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
-import safetensors.torch
-import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from actcap.data import ActivationDataset
 from actcap.data.blocks import BatchMemory
 from actcap.storage.format import ShardSlice
+
+
+def read_raw(
+    path: Path | ShardSlice, sites: list[str], with_key: bool = False
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """One sample's ``sites`` with safetensors alone (a file, or its bytes in a shard), and with
+    ``with_key`` the shared prefix its metadata names (None when it names none)."""
+    if isinstance(path, ShardSlice):
+        with open(path.shard, "rb") as f:
+            f.seek(path.offset)
+            raw = f.read(path.length)
+        tensors = safetensors.numpy.load(raw)
+        key = None
+        if with_key:
+            size = struct.unpack_from("<Q", raw)[0]
+            key = (json.loads(raw[8 : 8 + size]).get("__metadata__") or {}).get("prefix")
+        return {s: tensors[s] for s in sites}, key
+    with safe_open(str(Path(path)), framework="numpy") as f:
+        got = {s: f.get_tensor(s) for s in sites}
+        return got, (f.metadata() or {}).get("prefix") if with_key else None
+
+
+def counted(got: dict[str, np.ndarray]) -> tuple[int, int]:
+    """Rows and bytes of one sample's arrays (a ``[hidden]`` vector is one row)."""
+    first = next(iter(got.values()))
+    return (first.shape[0] if first.ndim > 1 else 1), sum(a.nbytes for a in got.values())
 
 
 def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
@@ -43,16 +67,8 @@ def raw_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
     def run() -> tuple[int, int]:
         rows = nbytes = 0
         for path in samples:
-            if isinstance(path, ShardSlice):
-                with open(path.shard, "rb") as f:
-                    f.seek(path.offset)
-                    tensors = safetensors.torch.load(f.read(path.length))
-                got = [tensors[s] for s in ds.sites]
-            else:
-                with safe_open(str(Path(path)), framework="numpy") as f:
-                    got = [torch.from_numpy(f.get_tensor(s)) for s in ds.sites]
-            rows += got[0].shape[0] if got[0].dim() > 1 else 1
-            nbytes += sum(t.numel() * t.element_size() for t in got)
+            n, b = counted(read_raw(path, ds.sites)[0])
+            rows, nbytes = rows + n, nbytes + b
         return rows, nbytes
 
     return run
@@ -68,24 +84,12 @@ def joined_reader(ds: ActivationDataset) -> Callable[[], tuple[int, int]]:
     def run() -> tuple[int, int]:
         rows = nbytes = 0
         for path in samples:
-            if isinstance(path, ShardSlice):
-                with open(path.shard, "rb") as f:
-                    f.seek(path.offset)
-                    raw = f.read(path.length)
-                tensors = safetensors.numpy.load(raw)
-                got = {s: tensors[s] for s in ds.sites}
-                size = struct.unpack_from("<Q", raw)[0]
-                key = (json.loads(raw[8 : 8 + size]).get("__metadata__") or {}).get("prefix")
-            else:
-                with safe_open(str(Path(path)), framework="numpy") as f:
-                    got = {s: f.get_tensor(s) for s in ds.sites}
-                    key = (f.metadata() or {}).get("prefix")
+            got, key = read_raw(path, ds.sites, with_key=True)
             if key:
                 with safe_open(str(prefixes / f"{key}.safetensors"), framework="numpy") as f:
                     got = {s: np.concatenate([f.get_tensor(s), a]) for s, a in got.items()}
-            first = next(iter(got.values()))
-            rows += first.shape[0] if first.ndim > 1 else 1
-            nbytes += sum(a.nbytes for a in got.values())
+            n, b = counted(got)
+            rows, nbytes = rows + n, nbytes + b
         return rows, nbytes
 
     return run

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from actcap.data.filerows import FileRows
+from actcap.data.filerows import FileRows, as_array
 
 _CHUNK = 1 << 16
 """Rows emitted at once when the shuffle buffer drains at the end of a pass."""
@@ -44,16 +44,11 @@ class Block:
         """A slice (a view) or a selection (a copy) of the rows."""
         return Block(
             {
-                s: _array(t)[index] if isinstance(index, np.ndarray) else t[index]
+                s: as_array(t)[index] if isinstance(index, np.ndarray) else t[index]
                 for s, t in self.x.items()
             },
             {k: v[index] for k, v in self.labels.items()},
         )
-
-
-def _array(t: np.ndarray | FileRows) -> np.ndarray:
-    """Rows as an array (read, if still in their file)."""
-    return t.numpy() if isinstance(t, FileRows) else t
 
 
 class _Buffer:
@@ -113,7 +108,7 @@ def _put(into: Block, slots: slice | np.ndarray, part: Block) -> None:
         if isinstance(rows, FileRows) and isinstance(slots, slice):
             rows.read_into(t[slots])
         else:
-            t[slots] = _array(rows)
+            t[slots] = as_array(rows)
     for k, v in into.labels.items():
         v[slots] = part.labels[k]
 

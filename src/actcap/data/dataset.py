@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actcap.data.blocks import BatchMemory, Block, batched, shuffled, shuffled_list
-from actcap.data.filerows import FileRows
+from actcap.data.filerows import FileRows, as_array
 from actcap.data.reader import PREFIX_PART, ShardFiles, read_arrays
 from actcap.errors import FormatError, NoActivationsError, UnknownNameError
 from actcap.storage import ActivationFile, open_run
@@ -170,9 +170,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
             raise NoActivationsError(_no_activations(self.run, len(info.entries)))
         if rows not in ("tokens", "samples"):
             raise UnknownNameError(f"rows={rows!r}: use 'tokens' or 'samples'.")
-        _check_arguments(shuffle_buffer, seed, batch_size, rank, world_size)
-        if not isinstance(shared_prefix, bool):
-            raise UnknownNameError(f"shared_prefix={shared_prefix!r}: use True or False.")
+        _check_arguments(shuffle_buffer, seed, batch_size, rank, world_size, shared_prefix)
         if batch_size is not None and rows != "tokens":
             raise UnknownNameError(
                 f"batch_size={batch_size}: only with rows='tokens' (samples differ in length; "
@@ -394,8 +392,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
 
     def _tensor(self, a: np.ndarray | FileRows) -> torch.Tensor:
         """Rows from :meth:`_array` as a writable tensor of the dtype asked for."""
-        if isinstance(a, FileRows):
-            a = a.numpy()
+        a = as_array(a)
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
@@ -429,7 +426,7 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         if len(shared) != len(self.sites):
             if shared:  # some sites apart, some not: join them all
                 arrays = {
-                    k: np.concatenate([arrays[k + PREFIX_PART], _numpy(v)])
+                    k: np.concatenate([arrays[k + PREFIX_PART], as_array(v)])
                     if k + PREFIX_PART in arrays
                     else v
                     for k, v in arrays.items()
@@ -502,11 +499,6 @@ class ActivationDataset(IterableDataset[dict[str, Any]]):
         return out
 
 
-def _numpy(a: np.ndarray | FileRows) -> np.ndarray:
-    """Rows as an array (read, if still in their file)."""
-    return a.numpy() if isinstance(a, FileRows) else a
-
-
 def _as_rows(a: np.ndarray | FileRows, n: int) -> np.ndarray | FileRows:
     """A stored site as ``n`` rows of one vector each (``[hidden]`` is one row; zero rows too)."""
     return a.reshape(n, math.prod(a.shape[1:]) if a.ndim > 1 else a.shape[0])
@@ -530,6 +522,7 @@ def _check_arguments(
     batch_size: object,
     rank: object,
     world_size: object,
+    shared_prefix: object,
 ) -> None:
     """Check :class:`ActivationDataset`'s numbers when it is made, not when it is iterated.
 
@@ -547,6 +540,8 @@ def _check_arguments(
             value, least
         ):
             raise UnknownNameError(f"{name}={value!r}: use a whole number of at least {least}.")
+    if not isinstance(shared_prefix, bool):
+        raise UnknownNameError(f"shared_prefix={shared_prefix!r}: use True or False.")
     if (rank is None) != (world_size is None):
         raise UnknownNameError("rank= and world_size= go together: give both or neither.")
     if rank is not None and not rank < world_size:  # type: ignore[operator]

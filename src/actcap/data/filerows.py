@@ -162,3 +162,8 @@ class FileRows:
 def _bytes_of(a: np.ndarray) -> memoryview:
     """A C-contiguous array's memory as bytes, to read into."""
     return a.reshape(-1).view(np.uint8).data
+
+
+def as_array(rows: np.ndarray | FileRows) -> np.ndarray:
+    """Rows as an array: read, if still in their file (a new array); else as they are."""
+    return rows.numpy() if isinstance(rows, FileRows) else rows

@@ -26,8 +26,13 @@ def is_url(location: PathOrUrl) -> bool:
 
 def local_path(location: PathOrUrl) -> Path:
     """The local path of a path or ``file://`` URL."""
+    return Path(_local_text(location))
+
+
+def _local_text(location: PathOrUrl) -> str:
+    """:func:`local_path` as a string (no ``Path`` made: the per-sample read path uses it)."""
     text = os.fspath(location)
-    return Path(text[len("file://") :] if text.startswith("file://") else text)
+    return text[len("file://") :] if text.startswith("file://") else text
 
 
 def url_fs(url: str) -> tuple[Any, str]:
@@ -60,9 +65,7 @@ def open_fd(path: PathOrUrl, flags: int = 0) -> int:
         FormatError: When ``path`` is not a regular file.
         OSError: When it cannot be opened.
     """
-    text = os.fspath(path)
-    local = text[len("file://") :] if text.startswith("file://") else text
-    fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | flags)
+    fd = os.open(_local_text(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise FormatError(f"{os.fspath(path)}: not a regular file; not read.")
